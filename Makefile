@@ -1,0 +1,18 @@
+# The two commands: `make demo` runs the main job, `make test` runs the CPU test suite.
+# Both set everything up themselves (scripts/bootstrap.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup lint
+
+setup:
+	./scripts/bootstrap.sh
+
+demo: setup
+	$(PY) -m fastmem.demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check fastmem pipelines kernels tests benchmarks

@@ -1,0 +1,124 @@
+"""The trainer's configuration: one dataclass, and the argparse CLI generated from it.
+
+Every knob has a default and a help line here; `python -m fastmem.train --help` shows them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastmem.errors import fail
+
+
+def _knob(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json in the run directory)."""
+
+    # data
+    dataset: str = _knob("fashion-mnist", "dataset: fashion-mnist, cifar10, cifar100, imagefolder, synthetic")
+    data_dir: str | None = _knob(None, "where the dataset files are (else $FASTMEM_DATA, then system locations)")
+    subset: int = _knob(0, "train on a seeded random subset of this many training images (0 = all)")
+    probe_subset: int = _knob(0, "probe with this many test images as queries (0 = all)")
+    image_size: int = _knob(0, "decode/resize size for imagefolder and synthetic data (0 = 64 / 32)")
+    # labels
+    label_noise: float = _knob(1.0, "fraction of training labels redrawn uniformly at random (1 = all random)")
+    label_seed: int = _knob(0, "seed of the random labels")
+    # pipeline
+    pipeline: str = _knob("torch", "loader backend", choices=("torch",))
+    augment: str = _knob("full", "augmentation set: none, standard (crop+flip), full (paper's SimCLR set)",
+                         choices=("none", "standard", "full"))
+    batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
+    workers: int = _knob(0, "DataLoader worker processes for the torch pipeline")
+    # model
+    model: str = _knob("small_cnn", "model: small_cnn, resnet18 (CIFAR stem), mlp")
+    width: float = _knob(1.0, "width multiplier of the encoder")
+    bottleneck_dim: int = _knob(4096, "projector width B (0 = a single linear head)")
+    # optimisation
+    loss: str = _knob("mse", "mse on one-hot targets (paper) or ce (cross-entropy)", choices=("mse", "ce"))
+    optimizer: str = _knob("adam", "optimizer", choices=("adam", "sgd"))
+    lr: float = _knob(3e-4, "learning rate (constant)")
+    momentum: float = _knob(0.9, "SGD momentum")
+    weight_decay: float = _knob(0.0, "weight decay")
+    epochs: int = _knob(10, "number of epochs")
+    # execution
+    device: str = _knob("auto", "auto, cpu or cuda[:N]")
+    precision: str = _knob("auto", "autocast: auto (bf16 where fast), bf16, fp16 (CUDA, grad scaler), fp32",
+                           choices=("auto", "bf16", "fp16", "fp32"))
+    channels_last: bool = _knob(True, "channels_last memory format for images and model")
+    compile: bool = _knob(False, "torch.compile the model")
+    threads: int = _knob(0, "torch CPU threads (0 = torch's default)")
+    seed: int = _knob(0, "seed of initialisation, data order and augmentation")
+    # probe
+    probe_every: int = _knob(0, "k-NN probe every E epochs, plus the untrained net and the end (0 = start and end only, -1 = never)")
+    probe_k: int = _knob(20, "k of the k-NN probe")
+    probe_vote: str = _knob("majority", "k-NN vote: majority (paper) or weighted (DINO, exp(sim/0.07))",
+                            choices=("majority", "weighted"))
+    # output
+    out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)")
+    checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)")
+    tensorboard: bool = _knob(False, "also log metrics to TensorBoard in RUN_DIR/tb")
+    progress: bool = _knob(True, "show a progress bar")
+    max_steps_per_epoch: int = _knob(0, "cap the steps of each epoch (0 = no cap; for quick tests)")
+
+    def run_name(self) -> str:
+        return f"{self.dataset}-{self.model}-{self.augment}-noise{self.label_noise:g}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            fail(f"config has unknown keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# Knobs that may change when resuming a run: they do not change what the run computes.
+RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "workers", "threads", "checkpoint_every", "tensorboard", "progress", "out"})
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(prog: str = "python -m fastmem.train") -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per TrainConfig field, plus --resume."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train on random labels under augmentation and probe every layer with k-NN.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        metavar = "BOOL" if kind is _bool else None
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar, **extra)
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run saved in RUN_DIR")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, set[str], str | None]:
+    """Parse the command line into (config, names of explicitly given knobs, resume dir)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A second pass with every default suppressed tells which knobs the user actually gave.
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_args(argv))) - {"resume"}
+    values = {k: v for k, v in vars(args).items() if k != "resume"}
+    return TrainConfig(**values), explicit, args.resume

@@ -1,0 +1,282 @@
+"""`python -m fastmem.train`: train on random (or partially noisy) labels and probe every layer.
+
+Owns the run: its directory (config.json, labels.npz, metrics.jsonl, checkpoint.pt, summary.json),
+the training loop, checkpoints and resume. Data, labels, loaders, models and the probe are built
+by their own modules; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastmem.checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
+from fastmem.data import ArrayDataset, canonical_name, load_arrays
+from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
+from fastmem.errors import fail, run_cli
+from fastmem.io_utils import write_json_atomic
+from fastmem.metrics import MetricsLogger
+from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
+from fastmem.pipelines import make_loader
+from fastmem.probe import probe_knn
+from fastmem.runtime import autocast, resolve_device, resolve_precision
+
+
+@dataclass
+class RunData:
+    train: ArrayDataset
+    probe_queries: ArrayDataset
+    labels: RunLabels
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject bad knob values and combinations before any work starts."""
+    if cfg.epochs < 0:
+        fail(f"--epochs must be >= 0, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        fail(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        fail(f"--lr must be positive, got {cfg.lr}")
+    if cfg.checkpoint_every < 1:
+        fail(f"--checkpoint-every must be >= 1, got {cfg.checkpoint_every}")
+    if cfg.subset < 0 or cfg.probe_subset < 0 or cfg.workers < 0 or cfg.threads < 0:
+        fail("--subset, --probe-subset, --workers and --threads must be >= 0")
+    if cfg.probe_k < 1:
+        fail(f"--probe-k must be >= 1, got {cfg.probe_k}")
+    if cfg.probe_every < -1:
+        fail(f"--probe-every must be >= -1, got {cfg.probe_every}")
+    if cfg.model not in MODEL_NAMES:
+        fail(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_NAMES)}")
+    canonical_name(cfg.dataset)
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)
+
+
+def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) -> tuple[TrainConfig, Path, bool]:
+    """Pick the run directory; when resuming, reload its config and apply only harmless overrides."""
+    if resume is None:
+        run_dir = Path(cfg.out or Path("runs") / cfg.run_name())
+        if (run_dir / "config.json").exists():
+            fail(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+        return dataclasses.replace(cfg, out=str(run_dir)), run_dir, False
+    run_dir = Path(resume)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        fail(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        fail(f"{config_path}: unreadable run config ({err})")
+    conflicting = sorted(
+        name for name in explicit - RESUMABLE_OVERRIDES if getattr(cfg, name) != getattr(saved, name)
+    )
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
+        fail(f"{run_dir} was run with other values of {flags}; a resumed run may only change "
+             f"{', '.join(sorted(RESUMABLE_OVERRIDES))}")
+    overrides = {name: getattr(cfg, name) for name in explicit & RESUMABLE_OVERRIDES if name != "out"}
+    return dataclasses.replace(saved, out=str(run_dir), **overrides), run_dir, True
+
+
+def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
+    """Training images (optionally a seeded subset), probe queries, and the run's labels."""
+    size = cfg.image_size or None
+    synthetic_size = cfg.subset or 5000
+    train = load_arrays(cfg.dataset, "train", cfg.data_dir, image_size=size, synthetic_size=synthetic_size)
+    test = load_arrays(cfg.dataset, "test", cfg.data_dir, image_size=size, synthetic_size=synthetic_size)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.subset:
+        if cfg.subset > len(train):
+            fail(f"--subset {cfg.subset} exceeds the {len(train)} training images of {cfg.dataset}")
+        train = train.subset(np.sort(rng.choice(len(train), cfg.subset, replace=False)))
+    if cfg.probe_subset and cfg.probe_subset < len(test):
+        test = test.subset(np.sort(rng.choice(len(test), cfg.probe_subset, replace=False)))
+    labels = make_targets(train.labels, train.num_classes, cfg.label_noise, cfg.label_seed)
+    labels_path = run_dir / "labels.npz"
+    if resuming and labels_path.exists():
+        saved = load_labels(labels_path)
+        if not np.array_equal(saved.targets, labels.targets) or not np.array_equal(saved.true_labels, labels.true_labels):
+            fail(f"{labels_path}: saved labels differ from the ones this config draws (data changed?)")
+    else:
+        save_labels(labels_path, labels)
+    return RunData(train, test, labels)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def compute_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """MSE between the output and the one-hot target (paper), or cross-entropy."""
+    logits = logits.float()
+    if kind == "mse":
+        return F.mse_loss(logits, F.one_hot(targets, logits.shape[1]).float())
+    return F.cross_entropy(logits, targets)
+
+
+def should_probe(cfg: TrainConfig, epoch: int) -> bool:
+    if cfg.probe_every < 0:
+        return False
+    return epoch == 0 or epoch == cfg.epochs or (cfg.probe_every > 0 and epoch % cfg.probe_every == 0)
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the final summary (also written to summary.json)."""
+    explicit = set(explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)})
+    cfg, run_dir, resuming = resolve_run_dir(cfg, explicit, resume)
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resuming and (run_dir / CHECKPOINT_NAME).exists() else None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_run_data(cfg, run_dir, resuming)
+
+    torch.manual_seed(cfg.seed)
+    height, width_px, channels = data.train.image_shape
+    model: EncoderProjector = create_model(
+        cfg.model, num_classes=data.train.num_classes, in_channels=channels, image_size=height,
+        width=cfg.width, bottleneck_dim=cfg.bottleneck_dim,
+    ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_epoch = int(checkpoint["epoch"])
+    step_model = torch.compile(model) if cfg.compile else model
+
+    loader = make_loader(
+        cfg.pipeline, data.train.images, data.labels.targets, augment=cfg.augment, batch_size=cfg.batch_size,
+        device=device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
+    )
+    true_labels = torch.as_tensor(data.labels.true_labels, device=device)
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
+    metrics = MetricsLogger(run_dir, cfg.tensorboard)
+    metrics.truncate_after(start_epoch)
+
+    def probe(epoch: int) -> dict[str, float]:
+        accuracy = probe_knn(
+            model, data.train.images, data.train.labels, data.probe_queries.images, data.probe_queries.labels,
+            device=device, dtype=dtype, k=cfg.probe_k, vote=cfg.probe_vote, num_classes=data.train.num_classes,
+        )
+        print(f"  k-NN @ epoch {epoch}: " + "  ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+        return {f"knn/{name}": value for name, value in accuracy.items()}
+
+    def write_checkpoint(epoch: int) -> None:
+        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "rng": capture_rng_state(), "config": json.dumps(cfg.to_dict()),
+        })
+
+    print(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({len(data.train)} images, {cfg.augment} aug, "
+          f"label noise {cfg.label_noise:g}) on {device}, precision {dtype or 'fp32'}", flush=True)
+    if start_epoch == 0 and should_probe(cfg, 0):
+        metrics.log({"epoch": 0, **probe(0)})
+    steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        record = run_epoch(cfg, step_model, optimizer, scaler, loader, true_labels, device, dtype, epoch, steps)
+        if should_probe(cfg, epoch):
+            record.update(probe(epoch))
+        metrics.log(record)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            write_checkpoint(epoch)
+    if start_epoch >= cfg.epochs and not (run_dir / CHECKPOINT_NAME).exists():
+        write_checkpoint(cfg.epochs)
+    metrics.close()
+    summary = {"epochs": cfg.epochs, "final": record, "run_dir": str(run_dir)}
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def run_epoch(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    loader: Any, true_labels: torch.Tensor, device: torch.device, dtype: torch.dtype | None, epoch: int, steps: int,
+) -> dict[str, Any]:
+    """One pass over the loader; stops the run on a non-finite loss, naming the epoch and step."""
+    model.train()
+    loader.set_epoch(epoch)
+    losses: list[torch.Tensor] = []
+    fit_random = torch.zeros((), device=device, dtype=torch.int64)
+    fit_true = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False, file=sys.stderr)
+    batches = iter(loader)
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        with autocast(device, dtype):
+            output = model(batch.images)
+        loss = compute_loss(cfg.loss, output, batch.targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach())
+        predicted = output.detach().argmax(dim=1)
+        fit_random += (predicted == batch.targets).sum()
+        fit_true += (predicted == true_labels[batch.indices.to(device)]).sum()
+        seen += batch.images.shape[0]
+        if step % 25 == 0 or step == steps:  # a host sync only every few steps
+            check_finite(losses, epoch, step)
+        bar.update(1)
+    bar.close()
+    del batches
+    elapsed = time.perf_counter() - started
+    record = {
+        "epoch": epoch,
+        "loss": float(torch.stack(losses).mean()) if losses else math.nan,
+        "train_acc_random": float(fit_random) / max(seen, 1),
+        "train_acc_true": float(fit_true) / max(seen, 1),
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+    }
+    print(f"epoch {epoch}/{cfg.epochs}  loss {record['loss']:.4f}  fit(random labels) {record['train_acc_random']:.1%}  "
+          f"agree(true labels) {record['train_acc_true']:.1%}  {record['images_per_s']:.0f} img/s", flush=True)
+    return record
+
+
+def check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
+    """Fail at the first non-finite loss, naming its epoch and step; the last checkpoint stays untouched."""
+    finite = torch.isfinite(torch.stack(losses))
+    if not bool(finite.all()):
+        first_bad = int((~finite).nonzero()[0])
+        fail(f"non-finite loss at epoch {epoch}, step {first_bad + 1}; stopping (the last good checkpoint is kept)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, explicit, resume = parse_args(argv)
+    train(cfg, explicit, resume)
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,29 @@
+"""fastmem: high-throughput training on random labels with layer-wise k-NN probes."""
+
+from setuptools import setup
+
+PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.pipelines", "fastmem.kernels"]
+
+setup(
+    name="fastmem",
+    version="0.1.0",
+    description="High-throughput trainer for memorization research: random labels, augmentation, k-NN probes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # pipelines/ and kernels/ ship as fastmem.pipelines and fastmem.kernels: the bare names are taken on PyPI.
+    packages=PACKAGES,
+    package_dir={"fastmem": "fastmem", "fastmem.pipelines": "pipelines", "fastmem.kernels": "kernels"},
+    package_data={"fastmem.kernels": ["*.cu"]},
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy>=1.24", "pillow", "tqdm", "matplotlib"],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "ffcv": ["ffcv", "pillow", "numba"],
+        "cuda12": ["cupy-cuda12x"],
+        "cuda13": ["cupy-cuda13x"],
+        "trt": ["torch-tensorrt"],
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "scikit-learn", "faiss-cpu", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["fastmem-train=fastmem.train:cli", "fastmem-demo=fastmem.demo:cli"]},
+)

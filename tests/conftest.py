@@ -1,0 +1,31 @@
+"""Shared test set-up: no network, quick synthetic runs, and a helper to call CLIs as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FASTMEM_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m module args...` in a subprocess, offline, capturing text output."""
+    env = {**os.environ, "FASTMEM_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# A tiny run: synthetic 16 px images, the small CNN at quarter width, a few hundred samples.
+QUICK_RUN = ["--dataset", "synthetic", "--image-size", "16", "--subset", "256", "--probe-subset", "200",
+             "--model", "small_cnn", "--width", "0.25", "--bottleneck-dim", "256", "--batch-size", "64",
+             "--device", "cpu", "--threads", "1", "--progress", "false"]
