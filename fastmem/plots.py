@@ -40,7 +40,7 @@ def plot_benign_vs_malign(runs: Mapping[str, Sequence[Mapping[str, Any]]], path:
         axes[0].plot(layers, [100 * final[f"knn/{n}"] for n in layers], marker="o", color=colour,
                      label=f"{label} (epoch {final['epoch']})")
         probed = probe_records(records)
-        for style, layer in zip(("-", "--", ":", "-."), (layers[-1], layers[-2], layers[-3], layers[len(layers) // 2])):
+        for style, layer in zip(("-", "--", ":", "-."), dict.fromkeys((layers[-1], layers[-2], "h", layers[min(2, len(layers) - 1)]))):
             axes[1].plot([r["epoch"] for r in probed], [100 * r[f"knn/{layer}"] for r in probed], style,
                          color=colour, label=f"{label}: {layer}")
         trained = [r for r in records if "train_acc_random" in r]

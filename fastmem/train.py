@@ -54,6 +54,8 @@ def validate(cfg: TrainConfig) -> None:
         fail(f"--checkpoint-every must be >= 1, got {cfg.checkpoint_every}")
     if cfg.subset < 0 or cfg.probe_subset < 0 or cfg.workers < 0 or cfg.threads < 0:
         fail("--subset, --probe-subset, --workers and --threads must be >= 0")
+    if not 0.0 <= cfg.label_noise <= 1.0:
+        fail(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
     if cfg.probe_k < 1:
         fail(f"--probe-k must be >= 1, got {cfg.probe_k}")
     if cfg.probe_every < -1:
@@ -85,8 +87,8 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
     )
     if conflicting:
         flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
-        fail(f"{run_dir} was run with other values of {flags}; a resumed run may only change "
-             f"{', '.join(sorted(RESUMABLE_OVERRIDES))}")
+        allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUMABLE_OVERRIDES - {"out"}))
+        fail(f"{run_dir} was run with other values of {flags}; a resumed run may only change {allowed}")
     overrides = {name: getattr(cfg, name) for name in explicit & RESUMABLE_OVERRIDES if name != "out"}
     return dataclasses.replace(saved, out=str(run_dir), **overrides), run_dir, True
 
