@@ -2,7 +2,7 @@
 
 from setuptools import setup
 
-PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.pipelines", "fastmem.kernels"]
+PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.probe", "fastmem.pipelines", "fastmem.kernels"]
 
 setup(
     name="fastmem",
@@ -17,8 +17,11 @@ setup(
     package_data={"fastmem.kernels": ["*.cu"]},
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy>=1.24", "pillow", "tqdm", "matplotlib"],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
-        "ffcv": ["ffcv", "pillow", "numba"],
+        # Pinned to the releases tested (scripts/bootstrap.sh installs these). DALI's CUDA 12 build
+        # also runs CPU-only; FFCV builds from source against pkg-config's opencv4 and libturbojpeg
+        # and imports PIL without declaring it.
+        "dali": ["nvidia-dali-cuda120==2.4.0"],
+        "ffcv": ["ffcv==1.0.2", "numba>=0.60", "pillow"],
         "cuda12": ["cupy-cuda12x"],
         "cuda13": ["cupy-cuda13x"],
         "trt": ["torch-tensorrt"],

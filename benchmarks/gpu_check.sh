@@ -15,6 +15,8 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/gpu_device.txt"
 echo "== gpu tests =="
 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
+echo "== k-NN benchmark (CuPy kernels vs torch vs faiss-gpu) =="
+"$PY" benchmarks/knn_gpu.py || status=1
 echo "== train-step benchmark =="
 "$PY" benchmarks/train_step.py --device cuda || status=1
 exit $status

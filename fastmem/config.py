@@ -32,9 +32,10 @@ class TrainConfig:
     label_noise: float = _knob(1.0, "fraction of training labels redrawn uniformly at random (1 = all random)")
     label_seed: int = _knob(0, "seed of the random labels")
     # pipeline
-    pipeline: str = _knob("torch", "loader backend", choices=("torch",))
-    augment: str = _knob("full", "augmentation set: none, standard (crop+flip), full (paper's SimCLR set)",
-                         choices=("none", "standard", "full"))
+    pipeline: str = _knob("device", "loader backend: device (dataset resident on the device, fused augmentation), "
+                          "torch (DataLoader baseline), dali, ffcv", choices=("device", "torch", "dali", "ffcv"))
+    augment: str = _knob("full", "augmentation: none, standard (crop+flip), full (paper's SimCLR set), "
+                         "strength:A (RandAugment, 0 <= A <= 1), fullfixed:N[:same|random] (N fixed views per image)")
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
     workers: int = _knob(0, "DataLoader worker processes for the torch pipeline")
     # model
@@ -61,6 +62,7 @@ class TrainConfig:
     probe_k: int = _knob(20, "k of the k-NN probe")
     probe_vote: str = _knob("majority", "k-NN vote: majority (paper) or weighted (DINO, exp(sim/0.07))",
                             choices=("majority", "weighted"))
+    probe_project_dim: int = _knob(0, "random-project probe points wider than this to this dim (0 = exact; e.g. 4096 for B = 65,536)")
     # output
     out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)")
     checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)")

@@ -29,7 +29,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], payload: Any, *, sort_keys: bool = True) -> None:
     """Write `payload` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")

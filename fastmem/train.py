@@ -24,14 +24,15 @@ from tqdm import tqdm
 
 from fastmem.checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
-from fastmem.data import ArrayDataset, canonical_name, load_arrays
+from fastmem.data import ArrayDataset, canonical_name
 from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import write_json_atomic
 from fastmem.metrics import MetricsLogger
 from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
-from fastmem.pipelines import make_loader
+from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, make_loader
 from fastmem.probe import probe_knn
+from fastmem.run_data import select_run_data
 from fastmem.runtime import autocast, resolve_device, resolve_precision
 
 
@@ -56,13 +57,18 @@ def validate(cfg: TrainConfig) -> None:
         fail("--subset, --probe-subset, --workers and --threads must be >= 0")
     if not 0.0 <= cfg.label_noise <= 1.0:
         fail(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+    if cfg.probe_project_dim < 0:
+        fail(f"--probe-project-dim must be >= 0, got {cfg.probe_project_dim}")
     if cfg.probe_k < 1:
         fail(f"--probe-k must be >= 1, got {cfg.probe_k}")
     if cfg.probe_every < -1:
         fail(f"--probe-every must be >= -1, got {cfg.probe_every}")
+    if cfg.pipeline not in PIPELINE_NAMES:
+        fail(f"unknown pipeline {cfg.pipeline!r}; available: {', '.join(PIPELINE_NAMES)}")
     if cfg.model not in MODEL_NAMES:
         fail(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_NAMES)}")
     canonical_name(cfg.dataset)
+    AugmentSpec.parse(cfg.augment)
     device = resolve_device(cfg.device)
     resolve_precision(cfg.precision, device)
 
@@ -95,17 +101,8 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
 
 def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     """Training images (optionally a seeded subset), probe queries, and the run's labels."""
-    size = cfg.image_size or None
-    synthetic_size = cfg.subset or 5000
-    train = load_arrays(cfg.dataset, "train", cfg.data_dir, image_size=size, synthetic_size=synthetic_size)
-    test = load_arrays(cfg.dataset, "test", cfg.data_dir, image_size=size, synthetic_size=synthetic_size)
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.subset:
-        if cfg.subset > len(train):
-            fail(f"--subset {cfg.subset} exceeds the {len(train)} training images of {cfg.dataset}")
-        train = train.subset(np.sort(rng.choice(len(train), cfg.subset, replace=False)))
-    if cfg.probe_subset and cfg.probe_subset < len(test):
-        test = test.subset(np.sort(rng.choice(len(test), cfg.probe_subset, replace=False)))
+    train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
+                                  image_size=cfg.image_size, seed=cfg.seed)
     labels = make_targets(train.labels, train.num_classes, cfg.label_noise, cfg.label_seed)
     labels_path = run_dir / "labels.npz"
     if resuming and labels_path.exists():
@@ -172,7 +169,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
 
     loader = make_loader(
         cfg.pipeline, data.train.images, data.labels.targets, augment=cfg.augment, batch_size=cfg.batch_size,
-        device=device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
+        device=device, seed=cfg.seed, label_seed=cfg.label_seed, workers=cfg.workers,
+        channels_last=cfg.channels_last, num_classes=data.train.num_classes,
     )
     true_labels = torch.as_tensor(data.labels.true_labels, device=device)
     write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
@@ -183,6 +181,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
         accuracy = probe_knn(
             model, data.train.images, data.train.labels, data.probe_queries.images, data.probe_queries.labels,
             device=device, dtype=dtype, k=cfg.probe_k, vote=cfg.probe_vote, num_classes=data.train.num_classes,
+            project_dim=cfg.probe_project_dim,
         )
         print(f"  k-NN @ epoch {epoch}: " + "  ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
         return {f"knn/{name}": value for name, value in accuracy.items()}

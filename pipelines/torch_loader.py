@@ -1,114 +1,96 @@
-"""The `torch` backend: a plain DataLoader with per-sample torchvision v2 transforms (the baseline).
+"""The `torch` backend: a plain DataLoader that executes the shared view parameters per sample (the baseline).
 
-Owns the per-sample transforms for the named augmentation sets and the DataLoader wiring.
-Augmentation randomness comes from torch's RNG, seeded per (seed, epoch) in the main process and
-per worker by the DataLoader, so an epoch is reproducible and a resumed run matches an
-uninterrupted one.
+Owns the map-style dataset (one sample → its view: parameters from the counter RNG, pixels from the
+reference executor on a batch of one) and the DataLoader wiring (order from sharding.py through a
+sampler, worker processes, pinned memory). For the same (seed, epoch) it yields the same batches as
+the `device` backend, one sample at a time on the host, as the reference implementation's loaders do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmem.errors import fail
-
-from .contract import AUGMENT_NAMES, Batch, epoch_seed
-
-
-def build_transform(augment: str, image_size: int, channels: int) -> v2.Compose:
-    """Per-sample v2 transform on a uint8 CHW tensor, ending in float32 in [0, 1].
-
-    `full` is the paper's SimCLR set without blur. Saturation, hue and grayscale need colour, so
-    1-channel inputs get brightness and contrast jitter only.
-    """
-    to_float = v2.ToDtype(torch.float32, scale=True)
-    if augment == "none":
-        return v2.Compose([to_float])
-    if augment == "standard":
-        return v2.Compose([
-            v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
-            to_float,
-        ])
-    if augment == "full":
-        colour = channels == 3
-        jitter = v2.ColorJitter(0.8, 0.8, 0.8 if colour else 0.0, 0.2 if colour else 0.0)
-        steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([jitter], p=0.8),
-        ]
-        if colour:
-            steps.append(v2.RandomGrayscale(p=0.2))
-        return v2.Compose(steps + [to_float])
-    fail(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENT_NAMES)}")
+from .contract import Batch, LoaderOptions
+from .executor import apply_views
+from .params import AugmentSpec, sample_view_params, view_ids_for, view_targets
+from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
 
 
-class _ArrayDataset(Dataset):
-    """uint8 NHWC array + targets → (float CHW image, target, index) per sample."""
+class _ViewDataset(Dataset):
+    """uint8 NHWC array + targets → (float CHW view, target, index, view id) per sample at the set epoch."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: v2.Compose) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        self.targets = torch.as_tensor(targets, dtype=torch.int64)
-        self.transform = transform
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
+                 num_classes: int) -> None:
+        self.images = torch.as_tensor(images).cpu().contiguous()
+        self.targets = torch.as_tensor(targets, dtype=torch.int64).cpu()
+        self.spec, self.seed, self.label_seed = options.spec, options.seed, options.label_seed
+        self.num_classes = num_classes
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int):
-        return self.transform(self.images[index]), self.targets[index], index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        one = torch.tensor([index])
+        view_id = view_ids_for(self.spec, self.seed, self.epoch, one)
+        params = sample_view_params(self.spec, self.seed, one, view_id, tuple(self.images.shape[1:3]), self.images.shape[3])
+        image = apply_views(self.images[index:index + 1], params, channels_last=False)[0]
+        target = view_targets(self.spec, self.targets, self.label_seed, one, view_id, self.num_classes)[0]
+        return image, target, index, view_id[0]
+
+
+class _OrderSampler(Sampler[int]):
+    """Yields a fixed list of sample indices (this rank's share of the epoch order)."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class TorchLoader:
-    """DataLoader baseline yielding `Batch`es on `device`, channels_last."""
+    """DataLoader baseline yielding contract `Batch`es on `options.device`."""
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        targets: np.ndarray,
-        *,
-        augment: str,
-        batch_size: int,
-        device: torch.device,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        workers: int = 0,
-        channels_last: bool = True,
-    ) -> None:
-        if batch_size < 1:
-            fail(f"--batch-size must be positive, got {batch_size}")
-        if drop_last and len(images) < batch_size:
-            fail(f"dataset has {len(images)} samples, fewer than one batch of {batch_size} (drop_last)")
-        transform = build_transform(augment, int(images.shape[1]), int(images.shape[3]))
-        self.dataset = _ArrayDataset(images, targets, transform)
-        self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.shuffle, self.drop_last, self.workers = shuffle, drop_last, workers
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions) -> None:
+        check_shard_args(len(images), options.batch_size, options.rank, options.world, options.drop_last)
+        num_classes = options.num_classes or int(np.asarray(targets).max()) + 1
+        self.dataset = _ViewDataset(images, targets, options, num_classes)
+        self.options = options
+        self.spec: AugmentSpec = options.spec
         self.epoch = 0
 
+    @property
+    def num_views(self) -> int | None:
+        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
+        return self.spec.num_views
+
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and views the next iteration yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        o = self.options
+        return batches_per_epoch(len(self.dataset), o.batch_size, o.rank, o.world, o.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        o = self.options
+        n = len(self.dataset)
+        mine = shard(epoch_order(n, o.seed, self.epoch, shuffle=o.shuffle), o.rank, o.world)
+        bounds = batch_bounds(n, o.batch_size, o.rank, o.world, o.drop_last)
+        self.dataset.epoch = self.epoch  # workers receive a copy of the dataset when the iterator starts
         loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
-            num_workers=self.workers, generator=generator, pin_memory=self.device.type == "cuda",
+            self.dataset, batch_size=o.batch_size, sampler=_OrderSampler(mine[: bounds[-1][1] if bounds else 0].tolist()),
+            num_workers=o.workers, pin_memory=o.device.type == "cuda", drop_last=False,
         )
-        # Main-process transforms draw from the global RNG: seed it per epoch too (workers are seeded
-        # by the DataLoader from `generator`).
-        torch.manual_seed(epoch_seed(self.seed + 1, self.epoch))
-        non_blocking = self.device.type == "cuda"
-        for images, targets, indices in loader:
-            images = images.to(self.device, non_blocking=non_blocking).contiguous(memory_format=self.memory_format)
-            yield Batch(images, targets.to(self.device, non_blocking=non_blocking), indices, torch.zeros_like(indices))
+        non_blocking = o.device.type == "cuda"
+        for images, targets, indices, view_ids in loader:
+            images = images.to(o.device, dtype=o.dtype, non_blocking=non_blocking).contiguous(memory_format=o.memory_format)
+            yield Batch(images, targets.to(o.device, non_blocking=non_blocking), indices.to(o.device), view_ids.to(o.device))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from fastmem.kernels import knn_classify, knn_topk
+from fastmem.kernels.knn_torch import knn_topk as knn_topk_torch
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 
@@ -21,7 +22,7 @@ def _data(seed: int = 0):
 
 def test_topk_neighbours_match_sklearn_across_blocks() -> None:
     reference, _, queries = _data()
-    sim, idx = knn_topk(torch.from_numpy(reference), torch.from_numpy(queries), 20, block_size=700)
+    sim, idx = knn_topk_torch(torch.from_numpy(reference), torch.from_numpy(queries), 20, block_size=700)
     nn = NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(reference)
     dist, expected = nn.kneighbors(queries)
     assert np.array_equal(idx.numpy(), expected)
@@ -54,10 +55,16 @@ def test_vote_ties_go_to_the_smaller_class() -> None:
     assert predicted.tolist() == [1]
 
 
-@pytest.mark.parametrize("k", [0, 4000])
-def test_k_out_of_range_is_a_user_error(k: int) -> None:
+def test_k_below_one_is_a_user_error() -> None:
     from fastmem.errors import FastmemError
 
     reference, labels, queries = _data()
-    with pytest.raises(FastmemError, match="k must be"):
-        knn_classify(torch.from_numpy(reference), torch.from_numpy(labels), torch.from_numpy(queries), k=k)
+    with pytest.raises(FastmemError, match="k must be >= 1"):
+        knn_classify(torch.from_numpy(reference), torch.from_numpy(labels), torch.from_numpy(queries), k=0)
+
+
+def test_k_beyond_the_reference_set_lets_every_reference_vote() -> None:
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    sim, idx = knn_topk(reference, torch.tensor([[1.0, 0.05]]), 10, backend="torch")
+    assert idx.tolist() == [[0, 2, 1]]
+    assert knn_classify(reference, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), k=10).tolist() == [1]

@@ -1,4 +1,4 @@
-"""The torch pipeline honours the loader contract: shapes, range, layout, order and determinism."""
+"""The torch pipeline honours the loader contract: shapes, range, layout, order, determinism, workers."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_batches_are_float_unit_range_channels_last_with_indices(augment: str, c
         assert batch.images.is_contiguous(memory_format=torch.channels_last)
         assert 0.0 <= float(batch.images.min()) and float(batch.images.max()) <= 1.0
         assert torch.equal(batch.targets, torch.as_tensor(targets)[batch.indices])
-        assert torch.equal(batch.view_ids, torch.zeros(32, dtype=torch.int64))
+        assert torch.equal(batch.view_ids, torch.zeros(32, dtype=torch.int64))  # epoch 0 (none: always 0)
     seen = torch.cat([b.indices for b in batches])
     assert len(set(seen.tolist())) == 96
 
@@ -58,3 +58,14 @@ def test_fewer_samples_than_a_batch_is_a_user_error() -> None:
 def test_unknown_pipeline_is_a_user_error() -> None:
     with pytest.raises(FastmemError, match="unknown pipeline 'nope'"):
         make_loader("nope", _images(), np.zeros(100, dtype=np.int64))
+
+
+def test_worker_processes_yield_the_same_batches_as_the_main_process() -> None:
+    def epoch(workers: int) -> list:
+        loader = make_loader("torch", _images(), np.arange(100) % 10, augment="full", batch_size=25, seed=4, workers=workers)
+        loader.set_epoch(2)
+        return list(loader)
+
+    for a, b in zip(epoch(0), epoch(2), strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.view_ids, torch.full((25,), 2))

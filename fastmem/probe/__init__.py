@@ -1,0 +1,93 @@
+"""The layer-wise k-NN probe: extract → cache → classify (PROTOCOL.md).
+
+Eval mode, no augmentation; reference = the training images with their TRUE labels, queries = the
+test images; cosine k-NN (k = 20, majority vote by default) at every probe point.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from fastmem.kernels import knn_classify
+from fastmem.models import EncoderProjector
+
+from .cache import CacheKey, EmbeddingCache, data_digest, state_digest
+from .extract import Embedding, extract_embeddings, reduction_name
+
+
+def embed_split(
+    model: EncoderProjector,
+    images: np.ndarray,
+    labels: np.ndarray,
+    split: str,
+    layers: tuple[str, ...],
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    cache: EmbeddingCache | None,
+    weights: str | None,
+    project_dim: int,
+) -> OrderedDict[str, Embedding]:
+    """Embeddings of one split at `layers`, from the cache where present, extracted (and cached) otherwise."""
+    reduction = reduction_name(project_dim, 0)
+    found: dict[str, Embedding] = {}
+    keys: dict[str, CacheKey] = {}
+    if cache is not None:
+        weights = weights or state_digest(model)
+        data = data_digest(images, labels)
+        for layer in layers:
+            keys[layer] = CacheKey(weights, data, split, layer, reduction)
+            hit = cache.get(keys[layer])
+            if hit is not None:
+                found[layer] = hit
+    missing = tuple(layer for layer in layers if layer not in found)
+    if missing:
+        fresh = extract_embeddings(model, images, device=device, dtype=dtype, layers=missing, project_dim=project_dim)
+        for layer, embedding in fresh.items():
+            if cache is not None:
+                cache.put(keys[layer], embedding)
+            found[layer] = embedding
+    return OrderedDict((layer, found[layer]) for layer in layers)
+
+
+def probe_knn(
+    model: EncoderProjector,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    k: int = 20,
+    vote: str = "majority",
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    layers: tuple[str, ...] | None = None,
+    cache: EmbeddingCache | None = None,
+    project_dim: int = 0,
+    knn_backend: str = "auto",
+) -> OrderedDict[str, float]:
+    """k-NN accuracy (0–1) against the true labels at every requested probe point, in probe order."""
+    wanted = tuple(layers or model.probe_points)
+    weights = state_digest(model) if cache is not None else None
+    common = dict(device=device, dtype=dtype, cache=cache, weights=weights, project_dim=project_dim)
+    reference = embed_split(model, train_images, train_labels, "train", wanted, **common)
+    queries = embed_split(model, test_images, test_labels, "test", wanted, **common)
+    truth = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
+    classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    accuracy: OrderedDict[str, float] = OrderedDict()
+    for layer in wanted:
+        predicted = knn_classify(
+            reference[layer].vectors, torch.as_tensor(np.asarray(train_labels)),
+            queries[layer].vectors, k=k, vote=vote, temperature=temperature,
+            num_classes=classes, device=device, backend=knn_backend,
+        )
+        accuracy[layer] = float((predicted.cpu() == truth).float().mean())
+    return accuracy
+
+
+__all__ = ["CacheKey", "Embedding", "EmbeddingCache", "embed_split", "extract_embeddings", "probe_knn", "state_digest"]

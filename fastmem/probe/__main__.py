@@ -1,0 +1,104 @@
+"""`python -m fastmem.probe RUN_DIR`: per-layer k-NN accuracy of a run's checkpoint, as a table, JSON and CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fastmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fastmem.config import TrainConfig
+from fastmem.errors import fail, run_cli
+from fastmem.io_utils import atomic_path, write_json_atomic
+from fastmem.kernels import BACKENDS, VOTES
+from fastmem.models import create_model
+from fastmem.run_data import select_run_data
+from fastmem.runtime import resolve_device, resolve_precision
+
+from . import EmbeddingCache, probe_knn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmem.probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="k-NN accuracy against the true labels at every probe point of a trained run.",
+    )
+    parser.add_argument("run_dir", help="a fastmem.train run directory")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to probe (default RUN_DIR/checkpoint.pt)")
+    parser.add_argument("--untrained", action="store_true", help="probe the untrained network of the run (its seed's initialisation)")
+    parser.add_argument("--layers", default="", help="comma-separated probe points (default: all)")
+    parser.add_argument("--k", type=int, default=20, help="neighbours")
+    parser.add_argument("--vote", default="majority", choices=VOTES, help="majority (paper) or weighted (DINO)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="temperature of the weighted vote")
+    parser.add_argument("--probe-subset", type=int, default=None, help="test images as queries (default: the run's)")
+    parser.add_argument("--project-dim", type=int, default=0, help="random-project wider layers to this dim (0 = exact)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--precision", default="auto", help="autocast for extraction: auto, bf16, fp16, fp32")
+    parser.add_argument("--knn-backend", default="auto", choices=BACKENDS, help="k-NN kernels")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default RUN_DIR/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        fail(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        fail(f"{config_path}: unreadable run config ({err})")
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,
+                                  probe_subset=cfg.probe_subset if args.probe_subset is None else args.probe_subset,
+                                  image_size=cfg.image_size, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    height, _, channels = train.image_shape
+    model = create_model(cfg.model, num_classes=train.num_classes, in_channels=channels, image_size=height,
+                         width=cfg.width, bottleneck_dim=cfg.bottleneck_dim)
+    epoch: int | str = 0
+    if not args.untrained:
+        checkpoint = load_checkpoint(args.checkpoint or run_dir / CHECKPOINT_NAME)
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as err:
+            fail(f"{args.checkpoint or run_dir / CHECKPOINT_NAME}: does not fit the run's model ({str(err).splitlines()[0]})")
+        epoch = int(checkpoint["epoch"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    layers = tuple(name for name in args.layers.split(",") if name) or model.probe_points
+    unknown = [name for name in layers if name not in model.probe_points]
+    if unknown:
+        fail(f"unknown probe point(s) {', '.join(unknown)}; this model has {', '.join(model.probe_points)}")
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or run_dir / "embeddings")
+    started = time.perf_counter()
+    accuracy = probe_knn(model, train.images, train.labels, test.images, test.labels, device=device, dtype=dtype,
+                         k=args.k, vote=args.vote, temperature=args.temperature, num_classes=train.num_classes,
+                         layers=layers, cache=cache, project_dim=args.project_dim, knn_backend=args.knn_backend)
+    seconds = time.perf_counter() - started
+    print(f"k-NN probe of {run_dir} at epoch {epoch}: k={args.k}, {args.vote} vote, {len(train)} references "
+          f"(true labels), {len(test)} test queries, {seconds:.1f} s")
+    print(f"{'probe point':<14} {'k-NN accuracy':>14}")
+    for layer, value in accuracy.items():
+        print(f"{layer:<14} {100 * value:>13.2f}%")
+    stem = run_dir / f"probe-epoch{epoch}-k{args.k}-{args.vote}"
+    result = {"run_dir": str(run_dir), "epoch": epoch, "k": args.k, "vote": args.vote, "references": len(train),
+              "queries": len(test), "accuracy": accuracy, "seconds": seconds}
+    write_json_atomic(stem.with_suffix(".json"), result, sort_keys=False)  # layers in probe order
+    with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "knn_accuracy"])
+        writer.writerows(accuracy.items())
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,96 @@
+"""The `device` backend: the dataset resident on the target device, whole-batch augmentation.
+
+Owns the uint8 dataset upload (once), the per-epoch order on the device, and batching: each batch's
+indices, view ids, parameters (params.py), pixels (an executor, executor.apply_views by default) and
+targets. No per-sample Python and, on CUDA, no host round trip except the executor's hue grouping;
+several batches are augmented per executor call on CUDA to amortize kernel launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .contract import Batch, LoaderOptions
+from .executor import apply_views
+from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
+from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+
+Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
+CUDA_VIEW_ELEMENTS = 1 << 26  # output values per executor call on CUDA (256 MB in fp32; ~22k views at 32 px)
+CPU_BATCHES_PER_CALL = 8  # amortizes the parameter sampler's per-call overhead on CPU
+
+
+class DeviceLoader:
+    """Dataset on `options.device` as uint8 NHWC; yields contract `Batch`es augmented there."""
+
+    def __init__(
+        self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
+        executor: Executor = apply_views,
+    ) -> None:
+        check_shard_args(len(images), options.batch_size, options.rank, options.world, options.drop_last)
+        self.options, self.executor = options, executor
+        self.spec: AugmentSpec = options.spec
+        device = options.device
+        self.images = torch.as_tensor(images).to(device).contiguous()  # uploaded once
+        self.targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
+                                       dtype=torch.int64).to(device)
+        self.num_classes = options.num_classes or int(self.targets.max()) + 1
+        _, h, w, c = self.images.shape
+        self.image_size, self.channels = (int(h), int(w)), int(c)
+        self.epoch = 0
+        if device.type == "cuda":
+            self.batches_per_call = max(1, CUDA_VIEW_ELEMENTS // (options.batch_size * c * h * w))
+        else:
+            self.batches_per_call = CPU_BATCHES_PER_CALL
+
+    @property
+    def num_views(self) -> int | None:
+        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
+        return self.spec.num_views
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and views the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        o = self.options
+        return batches_per_epoch(len(self.images), o.batch_size, o.rank, o.world, o.drop_last)
+
+    def __iter__(self) -> Iterator[Batch]:
+        o = self.options
+        order = epoch_order(len(self.images), o.seed, self.epoch, shuffle=o.shuffle, device=o.device)
+        mine = shard(order, o.rank, o.world)
+        bounds = batch_bounds(len(self.images), o.batch_size, o.rank, o.world, o.drop_last)
+        for first in range(0, len(bounds), self.batches_per_call):
+            group = bounds[first:first + self.batches_per_call]
+            start, stop = group[0][0], group[-1][1]
+            images, targets, indices, view_ids = self.views(mine[start:stop])
+            for lo, hi in group:
+                part = slice(lo - start, hi - start)
+                yield Batch(images[part], targets[part], indices[part], view_ids[part])
+
+    def _fused(self):
+        """The fused executor for this device (numba on CPU, Triton on CUDA), or None where unavailable."""
+        from . import fused_cpu, fused_cuda
+
+        module = fused_cuda if self.images.is_cuda else fused_cpu
+        return module if module.AVAILABLE else None
+
+    def views(self, indices: torch.Tensor) -> Batch:
+        """The views of `indices` at the current epoch (images augmented, targets per view)."""
+        o = self.options
+        view_ids = view_ids_for(self.spec, o.seed, self.epoch, indices)
+        params = sample_view_params(self.spec, o.seed, indices, view_ids, self.image_size, self.channels)
+        out = torch.empty((len(indices), self.channels, *self.image_size), dtype=o.dtype, device=o.device,
+                          memory_format=o.memory_format)
+        fused = self._fused()
+        if self.executor is apply_views and fused is not None and fused.supports(params, self.images):
+            # The fused kernels read the views' rows straight from the resident dataset: no gather.
+            images = fused.apply_views(self.images, params, out, o.channels_last, rows=indices)
+        else:
+            images = self.executor(self.images[indices], params, out, o.channels_last)
+        targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids, self.num_classes)
+        return Batch(images, targets, indices, view_ids)

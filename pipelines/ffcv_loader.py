@@ -1,0 +1,193 @@
+"""The `ffcv` backend: FFCV reads and decodes a `.beton` on CPU; the shared executor augments on the device.
+
+Owns the FFCV side only: the file (written by `ffcv.py`, or from arrays into a temporary one), the
+decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) and the epoch
+iterators, which are FFCV threads: each one is closed and joined when its epoch ends or the consumer
+stops early (FFCV's own iterator leaks its thread on an early break). The order, the sharding, the
+view parameters and the pixels of each view come from sharding.py, params.py and an executor
+(executor.apply_views, the reference, unless one is passed), so its views are the reference's on
+the same pixels, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastmem.errors import fail
+
+from .contract import Batch, LoaderOptions
+from .executor import apply_views
+from .ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
+from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
+from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+
+Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
+BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer
+JOIN_SECONDS = 10.0
+
+
+def close_epoch_iterator(iterator: Any) -> None:
+    """Stop an FFCV EpochIterator thread and release its memory context, once (safe to call again)."""
+    if getattr(iterator, "_fastmem_closed", False):
+        return
+    iterator.terminate_event.set()
+    while iterator.is_alive():  # unblock a producer waiting on a full queue (its final put has no timeout)
+        try:
+            iterator.output_queue.get(timeout=0.05)
+        except queue.Empty:
+            pass
+        iterator.join(timeout=0.05)
+    iterator.close()
+    iterator.closed = True  # FFCV's close() never sets it: without this, __del__ would exit the context twice
+    iterator._fastmem_closed = True
+
+
+def _decode_threads(options: LoaderOptions, jpeg: bool) -> int:
+    """FFCV's decode threads: `workers` if set; else every core for a GPU target, and on CPU few.
+
+    On a CPU target the executor's torch threads need the cores: FFCV's numba threads beside them
+    slowed full-augmentation epochs ~10× on 2 cores, and decoding raw pixels is a copy anyway.
+    """
+    if options.workers:
+        return options.workers
+    cores = len(os.sched_getaffinity(0))
+    if options.device.type == "cuda":
+        return cores
+    return max(1, cores // 2) if jpeg else 1
+
+
+class FfcvLoader:
+    """FFCV backend: a .beton (given, or written from `images`) in, contract `Batch`es on `options.device` out."""
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor | None,
+        targets: np.ndarray | torch.Tensor | None,
+        options: LoaderOptions,
+        *,
+        beton: str | os.PathLike[str] | None = None,
+        jpeg_quality: int = 0,
+        batches_ahead: int = BATCHES_AHEAD,
+        executor: Executor = apply_views,
+    ) -> None:
+        """Read `beton`, or write uint8 NHWC `images` to a temporary one; targets default to the file's labels."""
+        ffcv = import_ffcv()
+        self._ffcv, self.executor = ffcv, executor
+        self.spec: AugmentSpec = options.spec
+        self.options = options
+        self._tempdir: str | None = None
+        if beton is None:
+            if images is None:
+                fail("ffcv: give images to write, or a .beton path (python -m fastmem.pipelines.ffcv write ...)")
+            array = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+            self._tempdir = tempfile.mkdtemp(prefix="fastmem-ffcv-")
+            weakref.finalize(self, shutil.rmtree, self._tempdir, True)
+            labels = np.zeros(len(array), dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+            beton = write_beton(array, labels, Path(self._tempdir) / "source.beton", jpeg_quality=jpeg_quality)
+        self.path = Path(beton)
+        if not self.path.is_file():
+            fail(f"{self.path}: no such .beton file (write one with python -m fastmem.pipelines.ffcv write)")
+        try:
+            reader = ffcv.reader.Reader(str(self.path))
+        except (AssertionError, ValueError, OSError, IndexError) as err:
+            fail(f"{self.path}: not a readable FFCV .beton ({err})")
+        self.size, self.channels, decoder = self._image_layout(ffcv, reader)
+        self.num_samples = int(reader.num_samples)
+        check_shard_args(self.num_samples, options.batch_size, options.rank, options.world, options.drop_last)
+        if targets is None:
+            if LABEL_FIELD not in reader.field_names:
+                fail(f"{self.path}: no '{LABEL_FIELD}' field; pass targets")
+            targets = np.array(reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"], dtype=np.int64)
+        self.targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
+                                       dtype=torch.int64).to(options.device)
+        if self.targets.shape != (self.num_samples,):
+            fail(f"ffcv: {tuple(self.targets.shape)} targets for the {self.num_samples} samples of {self.path}")
+        self.num_classes = options.num_classes or int(self.targets.max()) + 1
+        steps: list[Any] = [decoder, ffcv.transforms.ToTensor()]
+        if options.device.type == "cuda":
+            steps.append(ffcv.transforms.ToDevice(options.device, non_blocking=True))
+        pipelines: dict[str, Any] = {name: None for name in reader.field_names}  # decode the images only
+        pipelines[IMAGE_FIELD] = steps
+        self._loader = ffcv.loader.Loader(
+            str(self.path), batch_size=options.batch_size, num_workers=_decode_threads(options, isinstance(decoder, ffcv.fields.decoders.SimpleRGBImageDecoder)),
+            order=ffcv.loader.OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=options.drop_last,
+            batches_ahead=max(1, batches_ahead),
+        )
+        self.epoch = 0
+        self._iterator: Any = None
+
+    @staticmethod
+    def _image_layout(ffcv: Any, reader: Any) -> tuple[tuple[int, int], int, Any]:
+        """((H, W), channels, decoder) of the file's image field; every image must have the same size."""
+        field = reader.handlers.get(IMAGE_FIELD)
+        if isinstance(field, ffcv.fields.NDArrayField) and len(field.shape) == 3 and np.dtype(field.dtype) == np.uint8:
+            h, w, c = (int(d) for d in field.shape)
+            return (h, w), c, ffcv.fields.decoders.NDArrayDecoder()
+        if isinstance(field, ffcv.fields.RGBImageField):
+            column = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+            heights, widths = np.unique(column["height"]), np.unique(column["width"])
+            if len(heights) != 1 or len(widths) != 1:
+                fail(f"{reader.file_name}: images of several sizes; write it with python -m fastmem.pipelines.ffcv write")
+            return (int(heights[0]), int(widths[0])), 3, ffcv.fields.decoders.SimpleRGBImageDecoder()
+        fail(f"{reader.file_name}: no uint8 H×W×C '{IMAGE_FIELD}' field (write it with python -m fastmem.pipelines.ffcv write)")
+
+    @property
+    def num_views(self) -> int | None:
+        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
+        return self.spec.num_views
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and views the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        o = self.options
+        return batches_per_epoch(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)
+
+    def close(self) -> None:
+        """Stop the epoch iterator in flight, if any (iteration does this itself when it ends or breaks)."""
+        if self._iterator is not None:
+            close_epoch_iterator(self._iterator)
+            self._iterator = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        o = self.options
+        self.close()  # an earlier epoch abandoned without closing its generator
+        order = shard(epoch_order(self.num_samples, o.seed, self.epoch, shuffle=o.shuffle), o.rank, o.world)
+        bounds = batch_bounds(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)
+        if not bounds:
+            return
+        order = order[:bounds[-1][1]]  # FFCV batches it in the same consecutive chunks
+        # FFCV's Loader.__iter__ would draw its own order; its EpochIterator takes ours as given.
+        iterator = self._iterator = self._ffcv.loader.epoch_iterator.EpochIterator(
+            self._loader, order.numpy().astype(np.uint64))
+        try:
+            for lo, hi in bounds:
+                (pixels,) = next(iterator)
+                indices = order[lo:hi].to(o.device)
+                yield self._views(pixels[: hi - lo], indices)
+        finally:
+            close_epoch_iterator(iterator)
+            if self._iterator is iterator:
+                self._iterator = None
+
+    def _views(self, pixels: torch.Tensor, indices: torch.Tensor) -> Batch:
+        """Augment one decoded uint8 NHWC batch (FFCV's reused buffer: read here, never kept)."""
+        o = self.options
+        view_ids = view_ids_for(self.spec, o.seed, self.epoch, indices)
+        params = sample_view_params(self.spec, o.seed, indices, view_ids, self.size, self.channels)
+        out = torch.empty((len(indices), self.channels, *self.size), dtype=o.dtype, device=o.device,
+                          memory_format=o.memory_format)
+        images = self.executor(pixels.to(o.device, non_blocking=True), params, out, o.channels_last)
+        targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids, self.num_classes)
+        return Batch(images, targets, indices, view_ids)

@@ -1,0 +1,311 @@
+"""The one parameter sampler: augmentation specs, the counter RNG, and per-view parameters.
+
+Owns `AugmentSpec` (what augmentation a run asks for), the stateless counter RNG keyed by
+(seed, sample index, view id, stream), the choice of view ids per epoch, the per-view parameters
+every backend executes (`ViewParams`) and per-view targets. It draws randomness; it never touches
+pixels (see executor.py). Every value is computed with integer hashing and correctly rounded
+float ops only (+, -, *, /, sqrt, floor, round), so parameters are identical on CPU and CUDA.
+Contract: docs/augmentation_params.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fastmem.errors import fail
+
+AUGMENT_NAMES: tuple[str, ...] = ("none", "standard", "full")
+AUGMENT_FORMS = "none, standard, full, strength:A (0 ≤ A ≤ 1), fullfixed:N[:same|random]"
+VIEW_LABELS: tuple[str, ...] = ("same", "random")
+
+# Streams: each parameter draws from its own stream so adding a parameter never shifts another.
+S_SCALE, S_RATIO = 0, 10  # ten RandomResizedCrop attempts each
+S_TOP, S_LEFT, S_FLIP, S_JITTER, S_FACTORS, S_ORDER, S_GRAY = 20, 21, 22, 23, 24, 28, 29
+S_RA_OP, S_RA_SIGN = 30, 40  # up to ten RandAugment ops each
+S_VIEW_CHOICE, S_EPOCH_ORDER, S_VIEW_LABEL = 1000, 1001, 1002
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
+RA_BINS = 100
+# torchvision's RandAugment op space, in its order: (name, signed).
+RA_OPS: tuple[tuple[str, bool], ...] = (
+    ("Identity", False), ("ShearX", True), ("ShearY", True), ("TranslateX", True), ("TranslateY", True),
+    ("Rotate", True), ("Brightness", True), ("Color", True), ("Contrast", True), ("Sharpness", True),
+    ("Posterize", False), ("Solarize", False), ("AutoContrast", False), ("Equalize", False),
+)
+JITTER_ORDERS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))  # the 24 op orders
+_STREAMS_USED = {"none": 0, "standard": S_FLIP + 1, "full": S_GRAY + 1, "strength": S_RA_SIGN + 10}
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What augmentation a run asks for; `parse` reads the command-line form."""
+
+    kind: str = "full"  # none | standard | full | strength
+    strength: float = 0.0  # RandAugment strength A for kind == "strength"
+    views: int = 0  # N fixed views per sample (kind "full"); 0 = a fresh view every epoch
+    view_labels: str = "same"  # same | random: the label of each fixed view
+
+    @classmethod
+    def parse(cls, text: str | AugmentSpec) -> AugmentSpec:
+        """none | standard | full | strength:A | fullfixed:N[:same|random] (fullfixed_N also accepted)."""
+        if isinstance(text, AugmentSpec):
+            return text
+        key = str(text).strip().lower()
+        if key in AUGMENT_NAMES:
+            return cls(kind=key)
+        if m := re.fullmatch(r"strength:([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", key):
+            a = float(m.group(1))
+            if 0.0 <= a <= 1.0:
+                return cls(kind="strength", strength=a)
+        if m := re.fullmatch(r"fullfixed[:_]([0-9]+)(?::(same|random))?", key):
+            n = int(m.group(1))
+            if n >= 1:
+                return cls(kind="full", views=n, view_labels=m.group(2) or "same")
+        fail(f"unknown augmentation {text!r}; expected {AUGMENT_FORMS}")
+
+    def __str__(self) -> str:
+        if self.kind == "strength":
+            return f"strength:{self.strength:g}"
+        if self.views:
+            return f"fullfixed:{self.views}:{self.view_labels}"
+        return self.kind
+
+    @property
+    def fixed(self) -> bool:
+        """True when each sample has exactly `views` views."""
+        return self.views > 0
+
+    @property
+    def num_views(self) -> int | None:
+        """N for fixed views, 1 for none, None when every epoch draws a fresh view."""
+        return self.views if self.fixed else (1 if self.kind == "none" else None)
+
+    @property
+    def num_ops(self) -> int:
+        """RandAugment ops per view: int(A·10//3 + 1) (0 unless kind == "strength")."""
+        return int(self.strength * 10 // 3 + 1) if self.kind == "strength" else 0
+
+    @property
+    def magnitude(self) -> int:
+        """RandAugment magnitude bin of 100: min(int(100·A), 99)."""
+        return min(int(100 * self.strength), RA_BINS - 1)
+
+
+# ---- counter RNG: splitmix64 over int64 tensors (wrapping multiply, masked logical shifts) ----
+def _i64(value: int) -> int:
+    """The two's-complement int64 value of an integer taken modulo 2^64."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _M1, _M2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64: add the golden gamma, then the finalizer (a bijection of 64-bit words)."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64 on a Python integer (same bits as `_mix`)."""
+    x = (x + 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return _i64(x ^ (x >> 31))
+
+
+def counter_bits(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int) -> torch.Tensor:
+    """64 hashed bits (int64) per broadcast (indices, view_ids, stream) key; pure function of its inputs."""
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    key = _mix_int(_i64(seed))
+    if isinstance(stream, int):
+        base: torch.Tensor | int = _mix_int(key + stream)
+    else:
+        base = _mix(torch.as_tensor(stream, dtype=torch.int64, device=indices.device) + key)
+    if not isinstance(view_ids, int):
+        view_ids = torch.as_tensor(view_ids, dtype=torch.int64, device=indices.device)
+    return _mix(_mix(indices + base) + view_ids)
+
+
+def counter_uniform(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int) -> torch.Tensor:
+    """Uniform float32 in [0, 1) with 24 random bits per key (exact on every device)."""
+    return _to_uniform(counter_bits(seed, indices, view_ids, stream))
+
+
+def counter_randint(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int, n: int) -> torch.Tensor:
+    """Integers in [0, n) (int64) per key."""
+    return _shr(counter_bits(seed, indices, view_ids, stream), 1) % n
+
+
+def _to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Top 24 bits as a float32 in [0, 1)."""
+    return _shr(bits, 40).to(torch.float32) * (2.0**-24)
+
+
+# ---- view ids and labels ----
+def view_ids_for(spec: AugmentSpec, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+    """View id per sample this epoch: a draw in [0, N) for fixed views, 0 for none, else the epoch."""
+    if spec.fixed:
+        return counter_randint(seed, indices, epoch, S_VIEW_CHOICE, spec.views)
+    return torch.full_like(indices, 0 if spec.kind == "none" else epoch, dtype=torch.int64)
+
+
+def view_targets(
+    spec: AugmentSpec, targets: torch.Tensor, label_seed: int, indices: torch.Tensor, view_ids: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor:
+    """Training target per view: the sample's target, or for fixed `random` views a label per (sample, view)."""
+    if spec.fixed and spec.view_labels == "random":
+        return counter_randint(label_seed, indices, view_ids, S_VIEW_LABEL, num_classes)
+    return targets[indices.to(targets.device)].to(indices.device)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (seed, epoch) shuffle of range(num_samples): sorted hash keys, the same on every device."""
+    keys = _shr(counter_bits(seed, torch.arange(num_samples, device=device), epoch, S_EPOCH_ORDER), 1)
+    return torch.argsort(keys, stable=True)
+
+
+# ---- per-view parameters ----
+@dataclass(frozen=True)
+class ViewParams:
+    """Per-view augmentation parameters of a batch (tensors on the indices' device)."""
+
+    kind: str  # none | standard | full | strength: how the executor reads `crop`
+    image_size: tuple[int, int]  # (H, W) of source and output
+    channels: int
+    crop: torch.Tensor  # (B, 4) int64 top, left, height, width in source pixels (standard: reflect-padded offsets)
+    flip: torch.Tensor  # (B,) bool, horizontal flip after the crop
+    jitter: torch.Tensor  # (B,) bool, colour jitter applied
+    factors: torch.Tensor  # (B, 4) float32 brightness, contrast, saturation, hue
+    order: torch.Tensor  # (B, 4) int64 jitter op applied at position k (0 b, 1 c, 2 s, 3 h)
+    grayscale: torch.Tensor  # (B,) bool
+    ra_ops: torch.Tensor  # (B, K) int64 RandAugment op ids (indices into RA_OPS)
+    ra_magnitudes: torch.Tensor  # (B, K) float32 signed magnitudes, torchvision's value for each op
+
+    def __len__(self) -> int:
+        return int(self.crop.shape[0])
+
+
+def sample_view_params(
+    spec: AugmentSpec, seed: int, indices: torch.Tensor, view_ids: torch.Tensor,
+    image_size: int | tuple[int, int], channels: int,
+) -> ViewParams:
+    """Draw every view's parameters from the counter RNG keyed by (seed, index, view id)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    dev, b = indices.device, indices.shape[0]
+    view_ids = torch.as_tensor(view_ids, dtype=torch.int64, device=dev).expand(b)
+    streams = torch.arange(_STREAMS_USED[spec.kind], device=dev).unsqueeze(1)
+    bits = counter_bits(seed, indices, view_ids, streams)  # (streams, B): one hash per stream
+    u = _to_uniform(bits)
+    zero = torch.zeros(b, dtype=torch.int64, device=dev)
+    crop = torch.stack([zero, zero, zero + height, zero + width], dim=1)
+    flip = jitter = gray = torch.zeros(b, dtype=torch.bool, device=dev)
+    ones = torch.ones(b, device=dev)
+    factors = torch.stack([ones, ones, ones, ones * 0.0], dim=1)
+    order = _constant("orders", dev)[zero]
+    if spec.kind == "standard":
+        pad = height // 8
+        crop[:, 0] = _randint_u(u[S_TOP], 2 * pad + 1) - pad
+        crop[:, 1] = _randint_u(u[S_LEFT], 2 * pad + 1) - pad
+        flip = u[S_FLIP] < P_FLIP
+    elif spec.kind == "full":
+        crop = _resized_crop_boxes(u, height, width)
+        flip = u[S_FLIP] < P_FLIP
+        jitter = u[S_JITTER] < P_JITTER
+        lows = (1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3])
+        highs = (1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3])
+        factors = torch.stack([lo + (hi - lo) * u[S_FACTORS + i] for i, (lo, hi) in enumerate(zip(lows, highs))], 1)
+        order = _constant("orders", dev)[_shr(bits[S_ORDER], 1) % len(JITTER_ORDERS)]
+        gray = u[S_GRAY] < P_GRAY
+    k = spec.num_ops
+    ra_ops = _shr(bits[S_RA_OP:S_RA_OP + k], 1).T % len(RA_OPS)
+    ra_magnitudes = torch.zeros(b, k, device=dev)
+    if k:
+        table = ra_magnitude_table(spec.magnitude, height, width).to(dev)
+        negate = (u[S_RA_SIGN:S_RA_SIGN + k].T <= 0.5) & _constant("ra_signed", dev)[ra_ops]  # as torchvision
+        ra_magnitudes = torch.where(negate, -table[ra_ops], table[ra_ops])
+    return ViewParams(spec.kind, (height, width), channels, crop, flip, jitter, factors, order, gray,
+                      ra_ops, ra_magnitudes)
+
+
+@functools.lru_cache(maxsize=16)
+def _constant(name: str, device: torch.device) -> torch.Tensor:
+    """Small lookup tables, built once per device (no host-to-device copy per batch)."""
+    if name == "orders":
+        return torch.tensor(JITTER_ORDERS, dtype=torch.int64, device=device)
+    return torch.tensor([signed for _, signed in RA_OPS], dtype=torch.bool, device=device)
+
+
+def ra_magnitude_table(magnitude: int, height: int, width: int) -> torch.Tensor:
+    """torchvision RandAugment's magnitude of each op at bin `magnitude` of 100 (float32, unsigned)."""
+    spaces = {
+        "ShearX": torch.linspace(0.0, 0.3, RA_BINS), "ShearY": torch.linspace(0.0, 0.3, RA_BINS),
+        "TranslateX": torch.linspace(0.0, 150.0 / 331.0 * width, RA_BINS),
+        "TranslateY": torch.linspace(0.0, 150.0 / 331.0 * height, RA_BINS),
+        "Rotate": torch.linspace(0.0, 30.0, RA_BINS), "Brightness": torch.linspace(0.0, 0.9, RA_BINS),
+        "Color": torch.linspace(0.0, 0.9, RA_BINS), "Contrast": torch.linspace(0.0, 0.9, RA_BINS),
+        "Sharpness": torch.linspace(0.0, 0.9, RA_BINS),
+        "Posterize": (8 - (torch.arange(RA_BINS) / ((RA_BINS - 1) / 4))).round().int(),
+        "Solarize": torch.linspace(1.0, 0.0, RA_BINS),
+    }
+    return torch.tensor([float(spaces[name][magnitude]) if name in spaces else 0.0 for name, _ in RA_OPS])
+
+
+def _randint_u(u: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """floor(u·n) for 24-bit uniforms u (exact in float64), as int64."""
+    return torch.floor(u.double() * n).long()
+
+
+def _exp_small(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for |x| < 0.3 in float64 by Horner over its Taylor series (basic ops only: device-exact)."""
+    acc = torch.full_like(x, 1.0 / math.factorial(14))
+    for n in range(13, -1, -1):
+        acc = acc * x + 1.0 / math.factorial(n)
+    return acc
+
+
+def _resized_crop_boxes(u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision RandomResizedCrop boxes: 10 tries of (scale, log-ratio), first fit, else centre fallback."""
+    area = float(height * width)
+    scale = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[S_SCALE:S_SCALE + 10].double()
+    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = _exp_small(lo + (hi - lo) * u[S_RATIO:S_RATIO + 10].double())
+    target = area * scale
+    w = torch.round(torch.sqrt(target * ratio)).long()  # round half to even, as Python's round()
+    h = torch.round(torch.sqrt(target / ratio)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    tries = torch.arange(10, device=u.device).unsqueeze(1)
+    first = torch.where(fits, tries, 10).amin(0)
+    found = first < 10
+    pick = first.clamp(max=9).unsqueeze(0)
+    in_ratio = width / height
+    if in_ratio < min(CROP_RATIO):
+        fw, fh = width, int(round(width / min(CROP_RATIO)))
+    elif in_ratio > max(CROP_RATIO):
+        fw, fh = int(round(height * max(CROP_RATIO))), height
+    else:
+        fw, fh = width, height
+    h = torch.where(found, h.gather(0, pick)[0], fh)
+    w = torch.where(found, w.gather(0, pick)[0], fw)
+    top = torch.where(found, _randint_u(u[S_TOP], height - h + 1), (height - h) // 2)
+    left = torch.where(found, _randint_u(u[S_LEFT], width - w + 1), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
