@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 GROUP = 8  # strided group size per level; two levels make groups of 64 references
 PIECE = 2048  # rows per encoding piece: temporaries stay in cache and off mmap
 PASS_BYTES = 64 << 20  # screen scores held per query block before they are opened
+SUPER_BLOCKS = 16  # query blocks whose candidates are re-ranked together
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
 INT64_MIN = -(2**63)
 
@@ -174,21 +177,25 @@ def _encode_refs(x: torch.Tensor, precision: str, width: int) -> _Refs:
 
 @dataclass
 class _Queries:
-    """A block of unit query rows, encoded with one scale, and the per-row error term a_q."""
+    """Unit query rows, their encoded copies (one int8 scale per block), and the error term a_q."""
 
     unit: torch.Tensor
     encoded: Any
-    scale: float
+    scale: torch.Tensor  # per row, equal within a block
     bound: torch.Tensor  # a_q (fp64)
 
 
-def _encode_queries(unit: torch.Tensor, refs: _Refs) -> _Queries:
-    """Encode a block of unit query rows for the references' screen (fp32: nothing to bound)."""
+def _encode_queries(unit: torch.Tensor, refs: _Refs, block: int) -> _Queries:
+    """Encode unit query rows, sorted by peak |component|, for the references' screen, all at once."""
     d, n = unit.shape[1], refs.norm
-    if refs.precision == "fp32":
-        return _Queries(unit, unit, 1.0, torch.zeros(unit.shape[0], dtype=torch.float64))
+    if refs.precision == "fp32":  # the screen scores are the final values: nothing to bound
+        return _Queries(unit, unit, torch.ones(unit.shape[0]), torch.zeros(unit.shape[0], dtype=torch.float64))
     q_norm = torch.linalg.vector_norm(unit, dim=1).double() * _norm_bound(d)
-    common = torch.maximum(unit.amax(), -unit.amin()) / 127 if refs.precision == "int8" else None
+    common = None
+    if refs.precision == "int8":  # each block takes the scale of its last (largest) peak
+        last = torch.clamp(torch.arange(unit.shape[0]) // block * block + block - 1, max=unit.shape[0] - 1)
+        peak = torch.maximum(unit.amax(1), -unit.amin(1))
+        common = peak[last] / 127
     encoded, scale, err, norm = _encode_rows(unit, refs.precision, common)
     rerank = _gamma(d + 2) * q_norm * n
     if refs.precision == "int8":
@@ -197,22 +204,21 @@ def _encode_queries(unit: torch.Tensor, refs: _Refs) -> _Queries:
     else:
         u = 2.0**-8
         arith = (_gamma(d) + u * (1 + _gamma(d)) + 2.0**-20) * norm * n + 2.0**-20 * refs.slack_max + 4 * d * 2.0**-126
-    bound = (err * n + rerank + arith) * (1 + ROUNDING)
-    return _Queries(unit, encoded, float(scale.reshape(-1)[0]), bound)
+    return _Queries(unit, encoded, scale, (err * n + rerank + arith) * (1 + ROUNDING))
 
 
-def _scores(q: _Queries, refs: _Refs, chunk: int) -> torch.Tensor:
-    """Screen scores z (fp32) of the block against one chunk, padding columns at -inf."""
+def _scores(q: _Queries, rows: slice, refs: _Refs, chunk: int) -> torch.Tensor:
+    """Screen scores z (fp32) of a block of queries against one chunk, padding columns at -inf."""
     encoded = refs.chunks[chunk]
     cols = slice(chunk * refs.width, (chunk + 1) * refs.width)
     if refs.precision == "int8":
         packed, scale, zero_points = encoded
-        z = torch.ops.onednn.qlinear_pointwise(q.encoded, q.scale, 128, packed, scale, zero_points,
-                                               -refs.slack[cols], 1.0, 0, torch.float32, "none", [], "")
+        z = torch.ops.onednn.qlinear_pointwise(q.encoded[rows], float(q.scale[rows.start]), 128, packed, scale,
+                                               zero_points, -refs.slack[cols], 1.0, 0, torch.float32, "none", [], "")
     elif refs.precision == "bf16":
-        z = torch.mm(q.encoded, encoded.T).float().sub_(refs.slack[cols])
+        z = torch.mm(q.encoded[rows], encoded.T).float().sub_(refs.slack[cols])
     else:  # plain fp32: the same fl(fl(q.x) / ||x||) form as the re-rank
-        z = torch.mm(q.encoded, encoded.T).mul_(refs.inv_norm[cols])
+        z = torch.mm(q.encoded[rows], encoded.T).mul_(refs.inv_norm[cols])
     valid = refs.count - chunk * refs.width
     if valid < refs.width:
         z[:, valid:] = -math.inf
@@ -226,11 +232,11 @@ def _levels(width: int, k: int) -> tuple[int, int]:
     return first, second
 
 
-def _thresholds(tau: torch.Tensor, q: _Queries, exact: bool) -> torch.Tensor:
+def _thresholds(tau: torch.Tensor, bound: torch.Tensor, exact: bool) -> torch.Tensor:
     """tau - 2 a_q, lowered for fp32 rounding and rounded down to fp32 (exact: tau itself)."""
     if exact:
         return tau
-    t = tau.double() - 2 * q.bound - ROUNDING
+    t = tau.double() - 2 * bound - ROUNDING
     t32 = t.float()
     t32 = torch.where(t32.double() > t, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
     return t32.clamp_min(-torch.finfo(torch.float32).max)  # -inf padding never passes
@@ -265,13 +271,14 @@ def _extract(z: torch.Tensor, level1: torch.Tensor, first: int, thr: torch.Tenso
     return _open(z, first, slack, rows, groups, thr)
 
 
-def _screen(q: _Queries, refs: _Refs, k: int, limit: int) -> list[tuple[torch.Tensor, ...]] | None:
+def _screen(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int) -> list[tuple[torch.Tensor, ...]] | None:
     """Per chunk, the (row, reference, z) triples that can reach the top-k; None past `limit`.
 
     Scores of up to PASS_BYTES of chunks are held so that they are opened with the final tau of
-    the pass; later passes (huge reference sets) start from the tau reached so far.
+    the pass; later passes (huge reference sets) start from the tau reached so far, and what the
+    earlier passes let through is filtered again at the end.
     """
-    nrows, exact = q.unit.shape[0], refs.precision == "fp32"
+    nrows, exact = rows.stop - rows.start, refs.precision == "fp32"
     first, second = _levels(refs.width, k)
     per_pass = max(1, PASS_BYTES // (4 * nrows * refs.width))
     top = torch.full((nrows, k), -math.inf)
@@ -279,20 +286,22 @@ def _screen(q: _Queries, refs: _Refs, k: int, limit: int) -> list[tuple[torch.Te
     for start in range(0, len(refs.chunks), per_pass):
         held, maxima = [], [top]
         for chunk in range(start, min(start + per_pass, len(refs.chunks))):
-            z = _scores(q, refs, chunk)
+            z = _scores(q, rows, refs, chunk)
             level1 = z.view(nrows, first, -1).amax(1) if first > 1 else z
             maxima.append(level1.view(nrows, second, -1).amax(1) if second > 1 else level1)
             held.append((chunk, z, level1))
         # One top-k per pass: torch.topk costs ~2 us per row whatever the row length.
         top = torch.topk(torch.cat(maxima, dim=1), k, dim=1).values
-        thr = _thresholds(top[:, -1], q, exact)
+        thr = _thresholds(top[:, -1], q.bound[rows], exact)
         for chunk, z, level1 in held:
             cols = slice(chunk * refs.width, (chunk + 1) * refs.width)
-            rows, members, values = _extract(z, level1, first, thr, refs.slack[cols])
-            total += rows.numel()
+            found.append(_extract(z, level1, first, thr, refs.slack[cols]))
+            found[-1] = (found[-1][0], found[-1][1] + cols.start, found[-1][2])
+            total += found[-1][0].numel()
             if total > limit:
                 return None
-            found.append((rows, members + chunk * refs.width, values))
+    if len(refs.chunks) > per_pass:
+        found = [tuple(t[z + 2 * refs.slack[c] >= thr[r]] for t in (r, c, z)) for r, c, z in found]
     return found
 
 
@@ -321,38 +330,67 @@ def _rerank(x: torch.Tensor, refs: _Refs, unit: torch.Tensor, crow: torch.Tensor
     A sampled matmul computes just the requested dot products, one fused loop per pair and no
     gathered copies; it is the same loop for every pair, so duplicate references tie exactly.
     """
-    pattern = torch.sparse_csr_tensor(crow, columns, torch.zeros(columns.numel()), size=(unit.shape[0], x.shape[0]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, columns, torch.zeros(columns.numel()), size=(unit.shape[0], x.shape[0]),
+                                          check_invariants=False)  # rows grouped, columns in range
     dots = torch.sparse.sampled_addmm(pattern, unit, x.T, beta=0.0).values()
     return dots * refs.inv_norm[columns] + 0.0  # +0.0 turns -0.0 into +0.0
 
 
 def _select(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k per row by (value descending, index ascending), via one int64 key per pair."""
+    """Top-k per row by (value descending, index ascending), via one int64 key per pair.
+
+    Rows without k pairs (fallback rows) get garbage, to be overwritten by the caller.
+    """
     flat = crow[rows] + pos
     bits = values[flat].view(torch.int32).long()
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
-    key = torch.full((crow.numel() - 1, int(pos.max()) + 1), INT64_MIN)
+    key = torch.full((crow.numel() - 1, max(k, int(pos.max()) + 1)), INT64_MIN)
     key[rows, pos] = ordered * 2**32 + (2**32 - 1 - columns[flat])
-    picked = crow[:-1, None] + torch.topk(key, k, dim=1).indices
+    picked = (crow[:-1, None] + torch.topk(key, k, dim=1).indices).clamp_(max=columns.numel() - 1)
     return values[picked], columns[picked]
 
 
-def _block_topk(x: torch.Tensor, unit: torch.Tensor, refs: _Refs, fp32: _Refs, k: int, limit: int,
-                stats: KnnCpuStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of one block of unit queries: screen + fp32 re-rank; plain fp32 past `limit`."""
-    nrows = unit.shape[0]
-    if refs.precision != "fp32":
-        found = _screen(_encode_queries(unit, refs), refs, k, limit)
-        if found is not None:
-            crow, columns, _, rows, pos = _to_csr(found, nrows)
-            stats.candidates += columns.numel()
-            return _select(crow, columns, _rerank(x, refs, unit, crow, columns), rows, pos, k)
-        stats.fallback_queries += nrows
-    found = _screen(_encode_queries(unit, fp32), fp32, k, 2**62)
-    assert found is not None
-    crow, columns, values, rows, pos = _to_csr(found, nrows)
-    return _select(crow, columns, values, rows, pos, k)
+def _plain_topk(unit: torch.Tensor, refs: _Refs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of unit query rows on the plain fp32 path (GEMM scores are the final values)."""
+    q = _encode_queries(unit, refs, unit.shape[0])
+    sims, idx = torch.empty(unit.shape[0], k), torch.empty(unit.shape[0], k, dtype=torch.int64)
+    for s in range(0, unit.shape[0], 256):
+        rows = slice(s, min(s + 256, unit.shape[0]))
+        found = _screen(q, rows, refs, k, 2**62)
+        assert found is not None
+        crow, columns, values, at, pos = _to_csr(found, rows.stop - rows.start)
+        sims[rows], idx[rows] = _select(crow, columns, values, at, pos, k)
+    return sims, idx
+
+
+def _screened_topk(x: torch.Tensor, unit: torch.Tensor, refs: _Refs, plain: Callable[[], _Refs], k: int, block: int,
+                   limit: int, stats: KnnCpuStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of unit query rows (sorted by peak): screen per block, one re-rank for all rows.
+
+    Working on all rows at once keeps the number of parallel regions small: each is a barrier,
+    and a barrier stalls for a whole time slice whenever another process holds a core.
+    """
+    q = _encode_queries(unit, refs, block)
+    found, fallback = [], []
+    for s in range(0, unit.shape[0], block):
+        rows = slice(s, min(s + block, unit.shape[0]))
+        triples = _screen(q, rows, refs, k, limit * (rows.stop - rows.start))
+        if triples is None:
+            fallback.append(rows)
+        else:
+            found.extend((r + s, c, z) for r, c, z in triples)
+    sims, idx = torch.empty(unit.shape[0], k), torch.empty(unit.shape[0], k, dtype=torch.int64)
+    if found:
+        crow, columns, _, at, pos = _to_csr(found, unit.shape[0])
+        stats.candidates += columns.numel()
+        sims, idx = _select(crow, columns, _rerank(x, refs, unit, crow, columns), at, pos, k)
+    for rows in fallback:
+        stats.fallback_queries += rows.stop - rows.start
+        sims[rows], idx[rows] = _plain_topk(unit[rows], plain(), k)
+    return sims, idx
 
 
 def knn_topk_cpu(
@@ -361,7 +399,7 @@ def knn_topk_cpu(
     k: int,
     *,
     precision: str = "auto",
-    query_block: int = 128,
+    query_block: int = 256,
     reference_chunk: int = 16384,
     candidate_limit: int | None = None,
     stats: KnnCpuStats | None = None,
@@ -391,8 +429,8 @@ def knn_topk_cpu(
     torch.set_float32_matmul_precision("highest")  # fp32 GEMMs must stay fp32 (no bf16/tf32 shortcut)
     try:
         x = reference.float().contiguous()
-        fp32 = _encode_refs(x, "fp32", width)
-        refs = fp32 if resolved == "fp32" else _encode_refs(x, resolved, width)
+        plain = functools.cache(lambda: _encode_refs(x, "fp32", width))  # built on first fallback only
+        refs = plain() if resolved == "fp32" else _encode_refs(x, resolved, width)
         qry = queries.float() * _inverse_norms(queries.float())[:, None]
         sims = torch.zeros(qry.shape[0], k)
         # A zero query ties with every reference at 0: the first k indices, by the tie rule.
@@ -400,9 +438,12 @@ def knn_topk_cpu(
         peak = torch.maximum(qry.amax(1), -qry.amin(1))
         # Blocks of queries with similar peaks share one int8 scale at little cost in precision.
         live = torch.argsort(peak)[int((peak == 0).sum()):]
-        for s in range(0, live.numel(), query_block):
-            rows = live[s : s + query_block]
-            sims[rows], idx[rows] = _block_topk(x, qry[rows], refs, fp32, k, limit * rows.numel(), stats)
+        for s in range(0, live.numel(), SUPER_BLOCKS * query_block):
+            rows = live[s : s + SUPER_BLOCKS * query_block]
+            if resolved == "fp32":
+                sims[rows], idx[rows] = _plain_topk(qry[rows], refs, k)
+            else:
+                sims[rows], idx[rows] = _screened_topk(x, qry[rows], refs, plain, k, query_block, limit, stats)
     finally:
         torch.set_float32_matmul_precision(previous)
     return sims, idx

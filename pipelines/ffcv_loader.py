@@ -173,6 +173,8 @@ class FfcvLoader:
             self._loader, order.numpy().astype(np.uint64))
         try:
             for lo, hi in bounds:
+                if self._iterator is not iterator:
+                    raise RuntimeError("this epoch's iterator is stale: a newer iteration of the loader started")
                 (pixels,) = next(iterator)
                 indices = order[lo:hi].to(o.device)
                 yield self._views(pixels[: hi - lo], indices)

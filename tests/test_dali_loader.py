@@ -65,10 +65,10 @@ def _single_effects(p: ViewParams) -> dict[str, ViewParams]:
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_same_parameters_give_the_reference_pixels_within_the_stated_tolerance(channels: int) -> None:
-    images = _synthetic(256, 32, channels)
-    loader = _loader(images, batch_size=256)
-    indices = torch.arange(256)
-    params = sample_view_params(loader.spec, 11, indices, torch.full((256,), 5), 32, channels)
+    images = _synthetic(128, 32, channels)
+    loader = _loader(images, batch_size=128)
+    indices = torch.arange(128)
+    params = sample_view_params(loader.spec, 11, indices, torch.full((128,), 5), 32, channels)
     for effect, view_params in _single_effects(params).items():
         got = loader.execute(indices, view_params)
         want = apply_views(torch.from_numpy(images), view_params)
@@ -177,3 +177,13 @@ def test_an_epoch_of_a_fashion_mnist_subset() -> None:
     assert all(b.images.shape == (256, 1, 28, 28) for b in batches)
     assert len(set(torch.cat([b.indices for b in batches]).tolist())) == 7 * 256
     assert torch.equal(batches[0].targets, torch.as_tensor(subset.labels)[batches[0].indices])
+
+
+def test_a_stale_iterator_neither_steals_nor_discards_a_newer_epochs_batches() -> None:
+    loader = make_loader("dali", _synthetic(64, 8), np.zeros(64, dtype=np.int64), batch_size=16, seed=2)
+    stale = iter(loader)
+    next(stale)
+    fresh = list(loader)  # starts while `stale` still has batches scheduled
+    assert len(fresh) == 4 and sorted(torch.cat([b.indices for b in fresh]).tolist()) == list(range(64))
+    with pytest.raises(RuntimeError, match="stale"):
+        next(stale)

@@ -165,3 +165,13 @@ def test_an_epoch_of_a_fashion_mnist_subset(tmp_path: Path) -> None:
     assert all(b.images.shape == (256, 1, 28, 28) for b in batches)
     assert len(set(torch.cat([b.indices for b in batches]).tolist())) == 7 * 256
     assert torch.equal(batches[0].targets, torch.as_tensor(subset.labels)[batches[0].indices])
+
+
+def test_a_stale_iterator_fails_instead_of_hanging(tmp_path: Path) -> None:
+    data = make_synthetic(64, size=8, seed=7)
+    loader = FfcvLoader(data.images, data.labels, _options(batch_size=16))
+    stale = iter(loader)
+    next(stale)
+    assert len(list(loader)) == 4  # closes the stale epoch's FFCV thread
+    with pytest.raises(RuntimeError, match="stale"):
+        next(stale)

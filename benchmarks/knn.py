@@ -1,0 +1,193 @@
+"""Exact cosine k-NN on the CPU: ours (int8 screen + fp32 re-rank) against faiss, torch and scikit-learn.
+
+Claim checked (DESIGN.md): on 10k queries x 50k references x 512-d, k = 20, ours is >= 2x faiss-cpu
+IndexFlatIP and >= 4x scikit-learn brute force, with the same neighbours (indices) as an fp32
+search wherever the k-th/(k+1)-th gap is above fp32 rounding.
+
+Every method gets raw float32 rows and returns the top-k by cosine similarity; its time includes
+normalization and index building. Methods run side by side in one process, `--repeats` rounds
+interleaved, best time kept. Gaussian rows (the hard case for a screen: all similarities bunch
+near 0, ~200 of 50k per query fall inside the int8 error window). Mismatches against faiss and
+torch are split into fp32 near-ties (float64 similarities closer than 1e-6) and real errors.
+
+faiss-cpu 1.15's bundled OpenBLAS 0.3.15 does not recognise newer Xeons and falls back to a
+generic kernel (~4x slower here); unless OPENBLAS_CORETYPE is set, this script sets SkylakeX
+(AVX-512) before faiss loads, so faiss runs at its best.
+
+    python benchmarks/knn.py                       # 10k x 50k (+ 10k x 200k scale-up), ~3 min
+    python benchmarks/knn.py --scale-references 0 --repeats 2
+
+Figures (fill in from benchmarks/results/knn-cpu.json): see the closing note of issue 3.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "OPENBLAS_CORETYPE" not in os.environ and "avx512f" in open("/proc/cpuinfo").read():  # noqa: SIM115
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"  # before numpy/faiss load their OpenBLAS
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fastmem.kernels.knn_cpu import KnnCpuStats, knn_topk_cpu  # noqa: E402
+from fastmem.kernels.knn_torch import knn_topk  # noqa: E402
+from machine import describe_machine, machine_label  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Search = Callable[[torch.Tensor, torch.Tensor, int], np.ndarray]
+
+
+def peak_rates(threads: int) -> dict[str, float]:
+    """Measured GEMM rates (G(FL)OP/s) at the benchmark's shape: fp32 and bf16 torch.mm, int8 oneDNN."""
+    a, b = torch.randn(2048, 512), torch.randn(16384, 512)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        rates[name] = 2 * x.shape[0] * y.shape[0] * 512 / _best(lambda x=x, y=y: torch.mm(x, y.T), 3) / 1e9
+    if hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        codes = torch.randint(-127, 128, (16384, 512), dtype=torch.int8)
+        packed, scale = torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(16384)
+        zeros, u8 = torch.zeros(16384, dtype=torch.int64), torch.randint(0, 256, (2048, 512), dtype=torch.uint8)
+        rates["int8"] = 2 * 2048 * 16384 * 512 / _best(lambda: torch.ops.onednn.qlinear_pointwise(
+            u8, 1.0, 128, packed, scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""), 3) / 1e9
+    return rates
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def faiss_search(reference: torch.Tensor, queries: torch.Tensor, k: int) -> np.ndarray:
+    import faiss
+
+    ref, qry = reference.numpy().copy(), queries.numpy().copy()
+    faiss.normalize_L2(ref)
+    faiss.normalize_L2(qry)
+    index = faiss.IndexFlatIP(ref.shape[1])
+    index.add(ref)
+    return index.search(qry, k)[1]
+
+
+def sklearn_search(reference: torch.Tensor, queries: torch.Tensor, k: int) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    model = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(reference.numpy())
+    return model.kneighbors(queries.numpy(), return_distance=False)
+
+
+def methods(with_sklearn: bool, stats: KnnCpuStats) -> dict[str, Search]:
+    """Name -> search function, ours first (the ratios' reference)."""
+    table: dict[str, Search] = {
+        "ours (auto: int8 screen + fp32 re-rank)": lambda r, q, k: knn_topk_cpu(r, q, k, stats=stats)[1].numpy(),
+        "ours, plain fp32 path": lambda r, q, k: knn_topk_cpu(r, q, k, precision="fp32")[1].numpy(),
+        "faiss-cpu IndexFlatIP": faiss_search,
+        "torch chunked mm+topk (knn_torch)": lambda r, q, k: knn_topk(r, q, k, block_size=8192)[1].numpy(),
+    }
+    if with_sklearn:
+        table["scikit-learn brute"] = sklearn_search
+    return table
+
+
+def mismatches(ours: np.ndarray, other: np.ndarray, reference: torch.Tensor, queries: torch.Tensor) -> tuple[int, int]:
+    """(differing indices, those not explained by a float64 near-tie below 1e-6)."""
+    differ = np.argwhere(ours != other)
+    if len(differ) == 0:
+        return 0, 0
+    ref = torch.nn.functional.normalize(reference.double(), dim=1)
+    qry = torch.nn.functional.normalize(queries.double(), dim=1)
+    rows = torch.from_numpy(differ[:, 0])
+    mine = (qry[rows] * ref[torch.from_numpy(ours[differ[:, 0], differ[:, 1]])]).sum(1)
+    theirs = (qry[rows] * ref[torch.from_numpy(other[differ[:, 0], differ[:, 1]])]).sum(1)
+    return len(differ), int(((mine - theirs).abs() >= 1e-6).sum())
+
+
+def run_size(nq: int, nr: int, dim: int, k: int, repeats: int, with_sklearn: bool, fp32_peak: float) -> dict:
+    """Time every method on one problem size and check the indices against ours."""
+    gen = torch.Generator().manual_seed(0)
+    reference, queries = torch.randn(nr, dim, generator=gen), torch.randn(nq, dim, generator=gen)
+    stats = KnnCpuStats()
+    table = methods(with_sklearn, stats)
+    best = dict.fromkeys(table, float("inf"))
+    results: dict[str, np.ndarray] = {}
+    for _ in range(repeats):  # interleaved rounds: a burst of machine load hits every method alike
+        for name, search in table.items():
+            start = time.perf_counter()
+            results[name] = search(reference, queries, k)
+            best[name] = min(best[name], time.perf_counter() - start)
+    ours_name = next(iter(table))
+    flops = 2.0 * nq * nr * dim
+    rows = []
+    for name, seconds in best.items():
+        differ, real = mismatches(results[ours_name], results[name], reference, queries)
+        rows.append({"method": name, "seconds": seconds, "queries_per_s": nq / seconds,
+                     "speedup_of_ours": seconds / best[ours_name], "gflops": flops / seconds / 1e9,
+                     "fraction_of_fp32_peak": flops / seconds / 1e9 / fp32_peak,
+                     "index_mismatches": differ, "mismatches_beyond_fp32_ties": real})
+    return {"queries": nq, "references": nr, "dim": dim, "k": k, "rows": rows,
+            "ours_candidates_per_query": stats.candidates / max(1, stats.queries),
+            "ours_fallback_queries": stats.fallback_queries, "ours_screen": stats.precision}
+
+
+def print_size(result: dict) -> None:
+    print(f"\n{result['queries']} queries x {result['references']} references x {result['dim']}-d, k={result['k']}"
+          f"  (ours: {result['ours_screen']} screen, {result['ours_candidates_per_query']:.0f} fp32 re-ranks/query,"
+          f" {result['ours_fallback_queries']} fallback queries)")
+    print(f"{'method':42s} {'seconds':>8s} {'queries/s':>10s} {'ours is':>8s} {'GFLOP/s':>8s} {'of fp32 peak':>12s}"
+          f" {'idx diff (beyond ties)':>22s}")
+    for row in result["rows"]:
+        print(f"{row['method']:42s} {row['seconds']:8.2f} {row['queries_per_s']:10.0f} {row['speedup_of_ours']:7.2f}x"
+              f" {row['gflops']:8.0f} {row['fraction_of_fp32_peak']:12.0%}"
+              f" {row['index_mismatches']:>14d} ({row['mismatches_beyond_fp32_ties']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=10000)
+    parser.add_argument("--references", type=int, default=50000)
+    parser.add_argument("--scale-references", type=int, default=200000, help="scale-up size, fast methods only; 0 skips")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best time is kept")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS / "knn-cpu.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    info = describe_machine(torch.device("cpu"))
+    load = os.getloadavg()[0]
+    peaks = peak_rates(args.threads)
+    print(f"machine: {machine_label(info)}, {args.threads} threads, torch {info['torch']}, faiss {faiss.__version__},"
+          f" OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}, load average at start {load:.2f}")
+    print("measured GEMM peaks (2048x16384x512): " + ", ".join(f"{k} {v:.0f} G(FL)OP/s" for k, v in peaks.items()))
+    sizes = [run_size(args.queries, args.references, args.dim, args.k, args.repeats, True, peaks["fp32"])]
+    print_size(sizes[0])
+    if args.scale_references:
+        sizes.append(run_size(args.queries, args.scale_references, args.dim, args.k, args.repeats, False, peaks["fp32"]))
+        print_size(sizes[1])
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "threads": args.threads, "peaks_gflops": peaks,
+                                    "load_average": [load, os.getloadavg()[0]], "sizes": sizes}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
