@@ -15,7 +15,7 @@ setup(
     packages=PACKAGES,
     package_dir={"fastmem": "fastmem", "fastmem.pipelines": "pipelines", "fastmem.kernels": "kernels"},
     package_data={"fastmem.kernels": ["*.cu"]},
-    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy>=1.24", "pillow", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy>=1.24", "numba>=0.60", "pillow", "tqdm", "matplotlib"],
     extras_require={
         # Pinned to the releases tested (scripts/bootstrap.sh installs these). DALI's CUDA 12 build
         # also runs CPU-only; FFCV builds from source against pkg-config's opencv4 and libturbojpeg

@@ -242,33 +242,23 @@ def _thresholds(tau: torch.Tensor, bound: torch.Tensor, exact: bool) -> torch.Te
     return t32.clamp_min(-torch.finfo(torch.float32).max)  # -inf padding never passes
 
 
-def _open(values: torch.Tensor, size: int, slack: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor,
-          thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Members of the given (row, group) pairs whose value + 2 b passes the row threshold.
-
-    `values` is (rows, size * groups) with group g holding columns g + t * groups (t < size), the
-    layout `view(rows, size, groups).amax(1)` reduces; `slack` is b per column, same layout.
-    Returns the passing members' rows, columns and values.
-    """
-    ngroups = values.shape[1] // size
-    picked = values.view(values.shape[0], size, ngroups)[rows, :, groups]  # (pairs, size)
-    by_group = slack.view(size, ngroups).T.contiguous()  # (groups, size): a group's members in one row
-    which, member = (picked + 2 * by_group[groups] >= thr[rows][:, None]).nonzero(as_tuple=True)
-    return rows[which], groups[which] + member * ngroups, picked[which, member]
-
-
 def _extract(z: torch.Tensor, level1: torch.Tensor, first: int, thr: torch.Tensor,
              slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, column, z) of the scores with z + 2 b >= the row threshold, rows ascending.
 
-    The scan runs over group maxima (plus the group's largest 2 b); only passing groups are opened.
-    (Opening groups of 64 first was slower: at ~0.4% candidates, a third of them pass.)
+    The scan runs over group maxima plus the group's largest 2 b; only passing groups are opened
+    (group g holds columns g + t * groups, t < first). Opening groups of 64 first was slower: at
+    ~0.4% candidates a third of them pass.
     """
     if first == 1:
         rows, cols = (z + 2 * slack >= thr[:, None]).nonzero(as_tuple=True)
         return rows, cols, z[rows, cols]
-    rows, groups = (level1 + 2 * slack.view(first, -1).amax(0) >= thr[:, None]).nonzero(as_tuple=True)
-    return _open(z, first, slack, rows, groups, thr)
+    groups = level1.shape[1]
+    by_group = 2 * slack.view(first, groups).T.contiguous()  # (groups, first): a group's members in one row
+    rows, cols = (level1 + by_group.amax(1) >= thr[:, None]).nonzero(as_tuple=True)
+    picked = z.view(z.shape[0], first, groups)[rows, :, cols]  # (passing groups, first)
+    which, member = (picked + by_group[cols] >= thr[rows][:, None]).nonzero(as_tuple=True)
+    return rows[which], cols[which] + member * groups, picked[which, member]
 
 
 def _screen(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int) -> list[tuple[torch.Tensor, ...]] | None:

@@ -1,7 +1,7 @@
 """The `device` backend: the dataset resident on the target device, whole-batch augmentation.
 
 Owns the uint8 dataset upload (once), the per-epoch order on the device, and batching: each batch's
-indices, view ids, parameters (params.py), pixels (an executor, executor.apply_views by default) and
+indices, view ids, parameters (params.py), pixels (an executor; by default the fused one for the device, see fastest.py) and
 targets. No per-sample Python and, on CUDA, no host round trip except the executor's hue grouping;
 several batches are augmented per executor call on CUDA to amortize kernel launches.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .contract import Batch, LoaderOptions
-from .executor import apply_views
+from .fastest import apply_views_fastest
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
 from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
 
@@ -28,7 +28,7 @@ class DeviceLoader:
 
     def __init__(
         self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
-        executor: Executor = apply_views,
+        executor: Executor = apply_views_fastest,
     ) -> None:
         check_shard_args(len(images), options.batch_size, options.rank, options.world, options.drop_last)
         self.options, self.executor = options, executor
@@ -72,13 +72,6 @@ class DeviceLoader:
                 part = slice(lo - start, hi - start)
                 yield Batch(images[part], targets[part], indices[part], view_ids[part])
 
-    def _fused(self):
-        """The fused executor for this device (numba on CPU, Triton on CUDA), or None where unavailable."""
-        from . import fused_cpu, fused_cuda
-
-        module = fused_cuda if self.images.is_cuda else fused_cpu
-        return module if module.AVAILABLE else None
-
     def views(self, indices: torch.Tensor) -> Batch:
         """The views of `indices` at the current epoch (images augmented, targets per view)."""
         o = self.options
@@ -86,10 +79,8 @@ class DeviceLoader:
         params = sample_view_params(self.spec, o.seed, indices, view_ids, self.image_size, self.channels)
         out = torch.empty((len(indices), self.channels, *self.image_size), dtype=o.dtype, device=o.device,
                           memory_format=o.memory_format)
-        fused = self._fused()
-        if self.executor is apply_views and fused is not None and fused.supports(params, self.images):
-            # The fused kernels read the views' rows straight from the resident dataset: no gather.
-            images = fused.apply_views(self.images, params, out, o.channels_last, rows=indices)
+        if self.executor is apply_views_fastest:
+            images = apply_views_fastest(self.images, params, out, o.channels_last, rows=indices)
         else:
             images = self.executor(self.images[indices], params, out, o.channels_last)
         targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids, self.num_classes)

@@ -5,7 +5,7 @@ decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) a
 iterators, which are FFCV threads: each one is closed and joined when its epoch ends or the consumer
 stops early (FFCV's own iterator leaks its thread on an early break). The order, the sharding, the
 view parameters and the pixels of each view come from sharding.py, params.py and an executor
-(executor.apply_views, the reference, unless one is passed), so its views are the reference's on
+(the fastest executor for the device, see fastest.py, unless one is passed), so its views are the reference's on
 the same pixels, bit for bit.
 """
 
@@ -26,7 +26,7 @@ import torch
 from fastmem.errors import fail
 
 from .contract import Batch, LoaderOptions
-from .executor import apply_views
+from .fastest import apply_views_fastest
 from .ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
 from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
@@ -78,7 +78,7 @@ class FfcvLoader:
         beton: str | os.PathLike[str] | None = None,
         jpeg_quality: int = 0,
         batches_ahead: int = BATCHES_AHEAD,
-        executor: Executor = apply_views,
+        executor: Executor = apply_views_fastest,
     ) -> None:
         """Read `beton`, or write uint8 NHWC `images` to a temporary one; targets default to the file's labels."""
         ffcv = import_ffcv()

@@ -59,7 +59,7 @@ def test_jpeg_storage_decodes_close_to_the_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("spec", ["standard", "full", "strength:0.6", "fullfixed:3:random"])
-def test_views_are_the_reference_executors_on_the_device_backends_order(spec: str) -> None:
+def test_views_match_the_reference_executor_and_the_device_backend(spec: str) -> None:
     images, targets = make_synthetic(80, size=16, seed=3).images, np.arange(80) % 10
     kwargs = dict(augment=spec, batch_size=24, seed=5, label_seed=2, drop_last=False)
     ffcv, device = make_loader("ffcv", images, targets, **kwargs), make_loader("device", images, targets, **kwargs)
@@ -68,8 +68,10 @@ def test_views_are_the_reference_executors_on_the_device_backends_order(spec: st
         assert torch.equal(f.targets, d.targets)
         params = sample_view_params(ffcv.spec, 5, f.indices, f.view_ids, 16, 3)
         reference = apply_views(torch.from_numpy(images[f.indices.numpy()]), params)
-        assert torch.equal(f.images, reference)  # the same executor on the same pixels and parameters
-        torch.testing.assert_close(f.images, d.images, rtol=0, atol=1e-5)  # device may run a fused executor
+        # Both backends run the fastest executor for the device (fused where it applies): the reference
+        # executor's pixels up to float rounding, and each other's exactly.
+        torch.testing.assert_close(f.images, reference, rtol=0, atol=1e-5)
+        assert torch.equal(f.images, d.images)
         assert f.images.is_contiguous(memory_format=torch.channels_last)
 
 
