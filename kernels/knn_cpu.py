@@ -48,12 +48,13 @@ import torch
 from fastmem.errors import fail
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-GROUP = 8  # strided group size per level; two levels make groups of 64 references
+GROUPS = (16, 8)  # strided group sizes of the two levels: groups of 16, then 128 references
 PIECE = 2048  # rows per encoding piece: temporaries stay in cache and off mmap
 PASS_BYTES = 64 << 20  # screen scores held per query block before they are opened
 SUPER_BLOCKS = 16  # query blocks whose candidates are re-ranked together
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
 INT64_MIN = -(2**63)
+SCAN_MODE = 0
 
 
 @dataclass
@@ -109,21 +110,21 @@ def _norm_bound(d: int) -> float:
 
 
 def _encode_rows(r: torch.Tensor, precision: str, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Rounded copy of unit rows (int8 codes, per-row or given scale, or bf16) and ||r^ - r||, ||r^||."""
+    """Rounded copy of unit rows (int8 codes with per-row or given scales, or bf16), with bounds on
+    ||r^ - r|| and ||r^|| (the latter by the triangle inequality, saving a pass)."""
     if precision == "int8":
         if scale is None:
             scale = torch.maximum(r.amax(1), -r.amin(1)) / 127  # max |r| without an |r| temporary
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(r / scale.reshape(-1, 1)).clamp_(-127, 127)
-        decoded = codes * scale.reshape(-1, 1)
+        codes = torch.mul(r, 1 / scale.reshape(-1, 1)).round_().clamp_(-127, 127)
+        diff = torch.addcmul(r, codes, scale.reshape(-1, 1), value=-1)
         encoded = codes.to(torch.int8)
     else:
         encoded = r.to(torch.bfloat16)
-        decoded, scale = encoded.float(), torch.ones(r.shape[0])
+        diff, scale = r - encoded.float(), torch.ones(r.shape[0])
     # r - fl(s Q) is exact (Sterbenz), fl(s Q) is within 2^-24 of s Q, fp32 norms add (d + 2) 2^-24.
-    slack = 1 + (r.shape[1] + 4) * 2.0**-23
-    err = torch.linalg.vector_norm(r - decoded, dim=1).double() * slack + 2.0**-22
-    return encoded, scale, err, torch.linalg.vector_norm(decoded, dim=1).double() * slack
+    err = torch.linalg.vector_norm(diff, dim=1).double() * (1 + (r.shape[1] + 4) * 2.0**-23) + 2.0**-22
+    return encoded, scale, err, _norm_bound(r.shape[1]) + err
 
 
 @dataclass
@@ -226,9 +227,9 @@ def _scores(q: _Queries, rows: slice, refs: _Refs, chunk: int) -> torch.Tensor:
 
 
 def _levels(width: int, k: int) -> tuple[int, int]:
-    """Group sizes of the two levels: 8 where enough groups remain for a tight tau, else 1."""
-    first = GROUP if width // GROUP >= 2 * k else 1
-    second = GROUP if width // (first * GROUP) >= 2 * k else 1
+    """Group sizes of the two levels, each 1 where too few groups would remain for a tight tau."""
+    first = GROUPS[0] if width // GROUPS[0] >= 2 * k else 1
+    second = GROUPS[1] if width // (first * GROUPS[1]) >= 2 * k else 1
     return first, second
 
 
@@ -255,7 +256,10 @@ def _extract(z: torch.Tensor, level1: torch.Tensor, first: int, thr: torch.Tenso
         return rows, cols, z[rows, cols]
     groups = level1.shape[1]
     by_group = 2 * slack.view(first, groups).T.contiguous()  # (groups, first): a group's members in one row
-    rows, cols = (level1 + by_group.amax(1) >= thr[:, None]).nonzero(as_tuple=True)
+    if SCAN_MODE == 0:
+        rows, cols = (level1 + by_group.amax(1) >= thr[:, None]).nonzero(as_tuple=True)
+    else:
+        rows, cols = (level1 >= (thr - float(by_group.max()))[:, None]).nonzero(as_tuple=True)
     picked = z.view(z.shape[0], first, groups)[rows, :, cols]  # (passing groups, first)
     which, member = (picked + by_group[cols] >= thr[rows][:, None]).nonzero(as_tuple=True)
     return rows[which], cols[which] + member * groups, picked[which, member]
@@ -389,8 +393,8 @@ def knn_topk_cpu(
     k: int,
     *,
     precision: str = "auto",
-    query_block: int = 256,
-    reference_chunk: int = 16384,
+    query_block: int = 128,
+    reference_chunk: int = 25000,
     candidate_limit: int | None = None,
     stats: KnnCpuStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,9 +415,10 @@ def knn_topk_cpu(
         resolved = "fp32"  # int32 sums of up to 127 * 127 * d would overflow
     stats = stats if stats is not None else KnnCpuStats()
     stats.precision, stats.queries = resolved, queries.shape[0]
-    # Even chunks, each a multiple of 64 columns so that both group levels tile it exactly.
+    # Even chunks, each a multiple of both group sizes so that the levels tile it exactly.
     chunks = -(-reference.shape[0] // max(reference_chunk, 1))
-    width = -(-reference.shape[0] // (chunks * GROUP**2)) * GROUP**2
+    tile = GROUPS[0] * GROUPS[1]
+    width = -(-reference.shape[0] // (chunks * tile)) * tile
     limit = candidate_limit or min(max(1024, reference.shape[0] // 8), 32768)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # fp32 GEMMs must stay fp32 (no bf16/tf32 shortcut)
