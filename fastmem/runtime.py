@@ -45,3 +45,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Use `threads` CPU threads in torch and in the numba kernels of the fused CPU executor."""
+    torch.set_num_threads(threads)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

@@ -33,7 +33,7 @@ from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
 from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, make_loader
 from fastmem.probe import probe_knn
 from fastmem.run_data import select_run_data
-from fastmem.runtime import autocast, resolve_device, resolve_precision
+from fastmem.runtime import autocast, resolve_device, resolve_precision, set_cpu_threads
 
 
 @dataclass
@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_cpu_threads(cfg.threads)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resuming and (run_dir / CHECKPOINT_NAME).exists() else None
 
     run_dir.mkdir(parents=True, exist_ok=True)

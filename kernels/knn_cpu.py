@@ -1,48 +1,45 @@
 """Exact cosine k-NN on the CPU: a low-precision GEMM screens candidates, fp32 re-ranks them.
 
 Owns `knn_topk_cpu` (top-k similarities and indices); the vote and the device dispatch live elsewhere.
+Tie rule (the same as kernels/knn_torch.py): ranked by fp32 cosine similarity, best first; equal
+similarities go to the smaller reference index. Rows are L2-normalized in fp32; a zero row stays
+zero and has similarity 0 with everything, never NaN.
 
-Tie rule (the same as kernels/knn_torch.py): neighbours are ranked by fp32 cosine similarity, best
-first, and equal similarities go to the smaller reference index. Rows are L2-normalized in fp32; a
-zero row stays zero and has similarity 0 with everything, never NaN.
+Route. Per block of queries (sorted by largest |component|, so one int8 scale fits a block) and
+chunk of references, a GEMM on rounded copies of the unit rows gives a score z per pair, lowered by
+the reference's error term b_r (oneDNN's bias). Maxima over strided groups of 16, then 8 of those,
+give tau <= the k-th best z without a full top-k. Every reference with z + 2 b_r >= tau - 2 a_q is
+re-scored in fp32 (a sampled matmul) and the top-k taken with the tie rule. Exact, not likely: with
+s' the fp32 similarity, |z + b_r - s'| <= a_q + b_r (below); k references have s' >= tau - a_q,
+so the fp32 k-th best is >= tau - a_q, and a reference that can reach it has z + a_q + 2 b_r >=
+tau - a_q. A block whose candidates pass `candidate_limit` per query (duplicates, tight clusters,
+collapsed embeddings) is redone on the plain fp32 path (`KnnCpuStats.fallback_queries`).
 
-Route. Per block of queries (sorted by their largest |component| so one int8 scale fits them all)
-and chunk of references, a GEMM on rounded copies of the unit rows gives a screen score z for each
-pair, already lowered by the pair's reference error term b_r (oneDNN's bias). Maxima over strided
-groups of 8, then 8 of those, give tau, a lower bound on the k-th best z, without a full top-k.
-Every reference with z + 2 b_r >= tau - 2 a_q is re-scored in fp32 (a sampled matmul) and the
-exact top-k taken with the tie rule. Why that is exact: with s' the fp32 similarity and
-|z + b_r - s'| <= a_q + b_r (below), k references have s' >= z - a_q >= tau - a_q, so the fp32
-k-th best is >= tau - a_q, and a reference that can reach it has z + a_q + 2 b_r >= tau - a_q. A
-block whose candidates pass `candidate_limit` per query (duplicates, tight clusters, collapsed
-embeddings) is redone on the plain fp32 path instead (`KnnCpuStats.fallback_queries`).
-
-Error bound. q, r: fp32 unit rows (r = fl(x * fl(1/||x||))); q^, r^: the rounded copies the GEMM
-sees; e_q = ||q^ - q||, e_r = ||r^ - r|| measured per row, so the bound is as tight as the data
-allows; N >= ||r||, ||r^||, ||x||/||x||_fp32; s' = fl(fl(q.x) / ||x||), the re-ranked similarity.
-Cauchy-Schwarz on q^.r^ - q.r = (q^ - q).r^ + q.(r^ - r), plus |q.r - s'| <= gamma_{d+2} ||q|| N
-with gamma_n = n 2^-24 / (1 - n 2^-24), gives |z + b_r - s'| <= a_q + b_r with
-    b_r = max||q|| (e_r + 2^-24 N),
-    a_q = e_q N + gamma_{d+2} ||q|| N + arith_q.
-  int8 (VNNI): q^ = s Q with one scale per block, r^ = s_r R per row, scales max|x|/127; Q.R is an
+Error bound. q, r: fp32 unit rows (r = fl(x fl(1/||x||))); q^, r^: the rounded copies the GEMM
+sees; e_q = ||q^ - q||, e_r = ||r^ - r||, measured per row; N >= ||r||, ||r^||; s' = fl(fl(q.x)/||x||).
+Cauchy-Schwarz on q^.r^ - q.r = (q^ - q).r^ + q.(r^ - r), with |q.r - s'| <= gamma_{d+2} ||q|| N
+and gamma_n = n 2^-24 / (1 - n 2^-24), gives |z + b_r - s'| <= a_q + b_r for
+    b_r = max||q|| (e_r + 2^-24 N),   a_q = e_q N + gamma_{d+2} ||q|| N + arith_q.
+  int8 (VNNI): q^ = s Q (one scale per block), r^ = s_r R (per row), scales max|x|/127; Q.R is an
     exact int32 sum, scaled and biased in fp32: arith_q = 2^-20 (||q^|| N + max b).
   bf16: the rounding (unit roundoff u = 2^-8) is inside e_q, e_r; bf16 products are exact in fp32,
-    the d-term sum costs gamma_d ||q^|| N (+ 4 d 2^-126 for flushed denormals) and torch returns a
-    bf16 product: arith_q = (gamma_d + u (1 + gamma_d) + 2^-20) ||q^|| N + 2^-20 max b + 4 d 2^-126.
-All screen arithmetic is on values below 2 in magnitude, so thresholds drop 2^-20 for fp32 rounding.
-For Gaussian 512-d rows e ~ 0.0074 (int8) or 0.0017 (bf16): a window of ~0.03 around the k-th.
+    the d-term sum costs gamma_d ||q^|| N (+ 4 d 2^-126, flushed denormals), and torch rounds the
+    product to bf16: arith_q = (gamma_d + u (1 + gamma_d) + 2^-20) ||q^|| N + 2^-20 max b + 4 d 2^-126.
+Screen values stay below 2 in magnitude, so thresholds drop a further 2^-20 for fp32 rounding.
+Gaussian 512-d rows have e ~ 0.0074 (int8), 0.0017 (bf16): a ~0.03 window around the k-th.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
+import numpy as np
 import torch
 
 from fastmem.errors import fail
@@ -51,10 +48,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 GROUPS = (16, 8)  # strided group sizes of the two levels: groups of 16, then 128 references
 PIECE = 2048  # rows per encoding piece: temporaries stay in cache and off mmap
 PASS_BYTES = 64 << 20  # screen scores held per query block before they are opened
-SUPER_BLOCKS = 16  # query blocks whose candidates are re-ranked together
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
-INT64_MIN = -(2**63)
-SCAN_MODE = 0
 
 
 @dataclass
@@ -236,47 +230,80 @@ def _levels(width: int, k: int) -> tuple[int, int]:
 def _thresholds(tau: torch.Tensor, bound: torch.Tensor, exact: bool) -> torch.Tensor:
     """tau - 2 a_q, lowered for fp32 rounding and rounded down to fp32 (exact: tau itself)."""
     if exact:
-        return tau
+        return tau.clamp_min(-torch.finfo(torch.float32).max)
     t = tau.double() - 2 * bound - ROUNDING
     t32 = t.float()
     t32 = torch.where(t32.double() > t, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
     return t32.clamp_min(-torch.finfo(torch.float32).max)  # -inf padding never passes
 
 
-def _extract(z: torch.Tensor, level1: torch.Tensor, first: int, thr: torch.Tensor,
-             slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column, z) of the scores with z + 2 b >= the row threshold, rows ascending.
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scan(z, level1, group_slack, col_slack, thr, first_col, cols, values, counts):  # pragma: no cover - numba
+    """Append (column, z) of every score with z + 2 b >= its row threshold to the row's buffer.
 
-    The scan runs over group maxima plus the group's largest 2 b; only passing groups are opened
-    (group g holds columns g + t * groups, t < first). Opening groups of 64 first was slower: at
-    ~0.4% candidates a third of them pass.
+    Only groups whose maximum plus their largest 2 b passes are opened; group g holds the columns
+    g + t * groups. A row may count past the buffer's width: the caller sees the overflow.
     """
-    if first == 1:
-        rows, cols = (z + 2 * slack >= thr[:, None]).nonzero(as_tuple=True)
-        return rows, cols, z[rows, cols]
-    groups = level1.shape[1]
-    by_group = 2 * slack.view(first, groups).T.contiguous()  # (groups, first): a group's members in one row
-    if SCAN_MODE == 0:
-        rows, cols = (level1 + by_group.amax(1) >= thr[:, None]).nonzero(as_tuple=True)
-    else:
-        rows, cols = (level1 >= (thr - float(by_group.max()))[:, None]).nonzero(as_tuple=True)
-    picked = z.view(z.shape[0], first, groups)[rows, :, cols]  # (passing groups, first)
-    which, member = (picked + by_group[cols] >= thr[rows][:, None]).nonzero(as_tuple=True)
-    return rows[which], cols[which] + member * groups, picked[which, member]
+    nrows, groups = level1.shape
+    size, width = z.shape[1] // groups, cols.shape[1]
+    for i in numba.prange(nrows):
+        t, n = thr[i], counts[i]
+        for g in range(groups):
+            if level1[i, g] + group_slack[g] >= t:
+                for m in range(size):
+                    col = g + m * groups
+                    if z[i, col] + col_slack[col] >= t:
+                        if n < width:
+                            cols[i, n], values[i, n] = first_col + col, z[i, col]
+                        n += 1
+        counts[i] = n
 
 
-def _screen(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int) -> list[tuple[torch.Tensor, ...]] | None:
-    """Per chunk, the (row, reference, z) triples that can reach the top-k; None past `limit`.
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _finish(q, x, inv_norm, col_slack, thr, cols, values, counts, rerank, sims, idx):  # pragma: no cover - numba
+    """Top-k per row by (value descending, index ascending) of the pairs that pass the row's final
+    threshold; with `rerank`, values are first replaced by fp32 similarities fl(fl(q.x) / ||x||).
+
+    One dot-product loop for every pair (any summation order meets gamma_d), so duplicate
+    references tie exactly.
+    """
+    bits = values.view(np.int32)
+    for i in numba.prange(cols.shape[0]):
+        keys, where = np.empty(counts[i], dtype=np.int64), np.empty(counts[i], dtype=np.int64)
+        m = 0
+        for j in range(counts[i]):
+            col = cols[i, j]
+            if values[i, j] + col_slack[col] < thr[i]:
+                continue
+            if rerank:
+                acc = numba.float32(0.0)
+                for u in range(q.shape[1]):
+                    acc += q[i, u] * x[col, u]
+                values[i, j] = acc * inv_norm[col] + numba.float32(0.0)  # +0.0 turns -0.0 into +0.0
+            b = np.int64(bits[i, j])
+            ordered = b if b >= 0 else b ^ 0x7FFFFFFF  # monotone in the float value
+            keys[m], where[m] = ordered * 2**32 + (2**32 - 1 - col), j  # unique per row
+            m += 1
+        best = np.argsort(keys[:m])[::-1][: sims.shape[1]]
+        for j in range(sims.shape[1]):
+            sims[i, j], idx[i, j] = values[i, where[best[j]]], cols[i, where[best[j]]]
+
+
+def _screen(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int) -> tuple[torch.Tensor, ...] | None:
+    """Per row, the (reference, z) pairs that can reach the top-k, plus each row's final threshold.
 
     Scores of up to PASS_BYTES of chunks are held so that they are opened with the final tau of
-    the pass; later passes (huge reference sets) start from the tau reached so far, and what the
-    earlier passes let through is filtered again at the end.
+    the pass; later passes (huge reference sets) start from the tau reached so far. None past
+    `limit` pairs per row on average; below it, a row that outgrows the buffers widens them and
+    the pass is scanned again (the plain fp32 path has no limit: massive exact ties do that).
     """
     nrows, exact = rows.stop - rows.start, refs.precision == "fp32"
     first, second = _levels(refs.width, k)
     per_pass = max(1, PASS_BYTES // (4 * nrows * refs.width))
     top = torch.full((nrows, k), -math.inf)
-    found, total = [], 0
+    width = 4 * k + 256
+    cols, values = torch.empty(nrows, width, dtype=torch.int64), torch.empty(nrows, width)
+    counts = torch.zeros(nrows, dtype=torch.int64)
     for start in range(0, len(refs.chunks), per_pass):
         held, maxima = [], [top]
         for chunk in range(start, min(start + per_pass, len(refs.chunks))):
@@ -287,103 +314,41 @@ def _screen(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int) -> list[t
         # One top-k per pass: torch.topk costs ~2 us per row whatever the row length.
         top = torch.topk(torch.cat(maxima, dim=1), k, dim=1).values
         thr = _thresholds(top[:, -1], q.bound[rows], exact)
-        for chunk, z, level1 in held:
-            cols = slice(chunk * refs.width, (chunk + 1) * refs.width)
-            found.append(_extract(z, level1, first, thr, refs.slack[cols]))
-            found[-1] = (found[-1][0], found[-1][1] + cols.start, found[-1][2])
-            total += found[-1][0].numel()
-            if total > limit:
+        before = counts.clone()
+        while True:
+            for chunk, z, level1 in held:
+                slack = 2 * refs.slack[chunk * refs.width : (chunk + 1) * refs.width]
+                group_slack = slack.view(first, -1).amax(0) if first > 1 else slack
+                _scan(z.numpy(), level1.numpy(), group_slack.numpy(), slack.numpy(), thr.numpy(),
+                      chunk * refs.width, cols.numpy(), values.numpy(), counts.numpy())
+            if not exact and int(counts.sum()) > limit * nrows:
                 return None
-    if len(refs.chunks) > per_pass:
-        found = [tuple(t[z + 2 * refs.slack[c] >= thr[r]] for t in (r, c, z)) for r, c, z in found]
-    return found
+            if int(counts.max()) <= width:
+                break
+            width = int(counts.max())
+            cols = torch.cat([cols, cols.new_empty(nrows, width - cols.shape[1])], dim=1)
+            values = torch.cat([values, values.new_empty(nrows, width - values.shape[1])], dim=1)
+            counts.copy_(before)
+    return cols, values, counts, thr
 
 
-def _to_csr(found: list[tuple[torch.Tensor, ...]], nrows: int) -> tuple[torch.Tensor, ...]:
-    """CSR row pointers, columns and z of triples given per chunk (rows ascending in each chunk),
-    plus each pair's row and position in its row."""
-    counts = sum(torch.bincount(rows, minlength=nrows) for rows, _, _ in found)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    columns = torch.empty(int(crow[-1]), dtype=torch.int64)
-    values = torch.empty(int(crow[-1]))
-    rows_all, pos_all = [], []
-    offset = torch.zeros(nrows, dtype=torch.int64)
-    for rows, cols, z in found:
-        seen = torch.bincount(rows, minlength=nrows)
-        pos = offset[rows] + torch.arange(rows.numel()) - (torch.cumsum(seen, 0) - seen)[rows]
-        columns[crow[rows] + pos], values[crow[rows] + pos] = cols, z
-        rows_all.append(rows)
-        pos_all.append(pos)
-        offset += seen
-    return crow, columns, values, torch.cat(rows_all), torch.cat(pos_all)
-
-
-def _rerank(x: torch.Tensor, refs: _Refs, unit: torch.Tensor, crow: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """fp32 similarity fl(fl(q.x) / ||x||) of each pair, in CSR order.
-
-    A sampled matmul computes just the requested dot products, one fused loop per pair and no
-    gathered copies; it is the same loop for every pair, so duplicate references tie exactly.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, columns, torch.zeros(columns.numel()), size=(unit.shape[0], x.shape[0]),
-                                          check_invariants=False)  # rows grouped, columns in range
-    dots = torch.sparse.sampled_addmm(pattern, unit, x.T, beta=0.0).values()
-    return dots * refs.inv_norm[columns] + 0.0  # +0.0 turns -0.0 into +0.0
-
-
-def _select(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-            k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k per row by (value descending, index ascending), via one int64 key per pair.
-
-    Rows without k pairs (fallback rows) get garbage, to be overwritten by the caller.
-    """
-    flat = crow[rows] + pos
-    bits = values[flat].view(torch.int32).long()
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
-    key = torch.full((crow.numel() - 1, max(k, int(pos.max()) + 1)), INT64_MIN)
-    key[rows, pos] = ordered * 2**32 + (2**32 - 1 - columns[flat])
-    picked = (crow[:-1, None] + torch.topk(key, k, dim=1).indices).clamp_(max=columns.numel() - 1)
-    return values[picked], columns[picked]
-
-
-def _plain_topk(unit: torch.Tensor, refs: _Refs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of unit query rows on the plain fp32 path (GEMM scores are the final values)."""
-    q = _encode_queries(unit, refs, unit.shape[0])
+def _topk_rows(x: torch.Tensor, unit: torch.Tensor, refs: _Refs, plain: Callable[[], _Refs], k: int, block: int,
+               limit: int, stats: KnnCpuStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of unit query rows (sorted by peak), block by block; blocks past `limit` are
+    redone on the plain fp32 path, whose GEMM scores are the final values."""
+    q, exact = _encode_queries(unit, refs, block), refs.precision == "fp32"
     sims, idx = torch.empty(unit.shape[0], k), torch.empty(unit.shape[0], k, dtype=torch.int64)
-    for s in range(0, unit.shape[0], 256):
-        rows = slice(s, min(s + 256, unit.shape[0]))
-        found = _screen(q, rows, refs, k, 2**62)
-        assert found is not None
-        crow, columns, values, at, pos = _to_csr(found, rows.stop - rows.start)
-        sims[rows], idx[rows] = _select(crow, columns, values, at, pos, k)
-    return sims, idx
-
-
-def _screened_topk(x: torch.Tensor, unit: torch.Tensor, refs: _Refs, plain: Callable[[], _Refs], k: int, block: int,
-                   limit: int, stats: KnnCpuStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of unit query rows (sorted by peak): screen per block, one re-rank for all rows.
-
-    Working on all rows at once keeps the number of parallel regions small: each is a barrier,
-    and a barrier stalls for a whole time slice whenever another process holds a core.
-    """
-    q = _encode_queries(unit, refs, block)
-    found, fallback = [], []
     for s in range(0, unit.shape[0], block):
         rows = slice(s, min(s + block, unit.shape[0]))
-        triples = _screen(q, rows, refs, k, limit * (rows.stop - rows.start))
-        if triples is None:
-            fallback.append(rows)
-        else:
-            found.extend((r + s, c, z) for r, c, z in triples)
-    sims, idx = torch.empty(unit.shape[0], k), torch.empty(unit.shape[0], k, dtype=torch.int64)
-    if found:
-        crow, columns, _, at, pos = _to_csr(found, unit.shape[0])
-        stats.candidates += columns.numel()
-        sims, idx = _select(crow, columns, _rerank(x, refs, unit, crow, columns), at, pos, k)
-    for rows in fallback:
-        stats.fallback_queries += rows.stop - rows.start
-        sims[rows], idx[rows] = _plain_topk(unit[rows], plain(), k)
+        found = _screen(q, rows, refs, k, limit)
+        if found is None:
+            stats.fallback_queries += rows.stop - rows.start
+            sims[rows], idx[rows] = _topk_rows(x, unit[rows], plain(), plain, k, block, limit, stats)
+            continue
+        cols, values, counts, thr = found  # an early pass may have let through pairs below thr
+        stats.candidates += 0 if exact else int(counts.sum())
+        _finish(unit[rows].numpy(), x.numpy(), refs.inv_norm.numpy(), 2 * refs.slack.numpy(), thr.numpy(),
+                cols.numpy(), values.numpy(), counts.numpy(), not exact, sims[rows].numpy(), idx[rows].numpy())
     return sims, idx
 
 
@@ -402,7 +367,9 @@ def knn_topk_cpu(
 
     `precision` picks the screen (auto, int8, bf16) or the plain fp32 path; the result is the same.
     `candidate_limit` (pairs per query, default max(1024, Nr/8) up to 32768) bounds memory and
-    sends a block to the fp32 path when the screen cannot separate its neighbours.
+    sends a block to the fp32 path when the screen cannot separate its neighbours. On a shared
+    machine run with OMP_WAIT_POLICY=PASSIVE: libgomp's spinning barriers stall (up to 10x here)
+    whenever another process holds a core.
     """
     if reference.ndim != 2 or queries.ndim != 2 or reference.shape[1] != queries.shape[1]:
         fail(f"k-NN needs 2-D inputs of equal width, got {tuple(reference.shape)} and {tuple(queries.shape)}")
@@ -420,7 +387,7 @@ def knn_topk_cpu(
     tile = GROUPS[0] * GROUPS[1]
     width = -(-reference.shape[0] // (chunks * tile)) * tile
     limit = candidate_limit or min(max(1024, reference.shape[0] // 8), 32768)
-    previous = torch.get_float32_matmul_precision()
+    previous, previous_numba = torch.get_float32_matmul_precision(), numba.get_num_threads()
     torch.set_float32_matmul_precision("highest")  # fp32 GEMMs must stay fp32 (no bf16/tf32 shortcut)
     try:
         x = reference.float().contiguous()
@@ -433,12 +400,9 @@ def knn_topk_cpu(
         peak = torch.maximum(qry.amax(1), -qry.amin(1))
         # Blocks of queries with similar peaks share one int8 scale at little cost in precision.
         live = torch.argsort(peak)[int((peak == 0).sum()):]
-        for s in range(0, live.numel(), SUPER_BLOCKS * query_block):
-            rows = live[s : s + SUPER_BLOCKS * query_block]
-            if resolved == "fp32":
-                sims[rows], idx[rows] = _plain_topk(qry[rows], refs, k)
-            else:
-                sims[rows], idx[rows] = _screened_topk(x, qry[rows], refs, plain, k, query_block, limit, stats)
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # the caller's count
+        sims[live], idx[live] = _topk_rows(x, qry[live], refs, plain, k, query_block, limit, stats)
     finally:
         torch.set_float32_matmul_precision(previous)
+        numba.set_num_threads(previous_numba)
     return sims, idx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUICK_RUN, run_module
@@ -150,3 +151,16 @@ def test_help_documents_every_knob_with_its_default() -> None:
                  "--bottleneck-dim", "--epochs", "--batch-size", "--out", "--resume", "--precision", "--compile"):
         assert flag in result.stdout
     assert "(default: 1.0)" in result.stdout and "(default: 256)" in result.stdout
+
+
+@pytest.mark.parametrize("pipeline", ["device", "torch", "dali", "ffcv"])
+def test_every_backend_trains_the_small_cnn_for_an_epoch_on_fashion_mnist(tmp_path: Path, pipeline: str) -> None:
+    out = tmp_path / pipeline
+    result = run_module("fastmem.train", "--dataset", "fashion-mnist", "--subset", "512", "--probe-subset", "200",
+                        "--pipeline", pipeline, "--augment", "full", "--width", "0.25", "--bottleneck-dim", "256",
+                        "--batch-size", "128", "--epochs", "1", "--probe-every", "-1", "--device", "cpu",
+                        "--threads", "1", "--progress", "false", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(out / "metrics.jsonl")
+    assert record["epoch"] == 1 and np.isfinite(record["loss"]) and record["images_per_s"] > 0
+    assert json.loads((out / "config.json").read_text())["pipeline"] == pipeline
