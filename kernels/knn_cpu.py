@@ -53,7 +53,7 @@ ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in 
 
 @dataclass
 class KnnCpuStats:
-    """What one `knn_topk_cpu` call did: the screen used, pairs re-ranked in fp32, fp32 fallbacks."""
+    """What `knn_topk_cpu` calls did (counts add up): the screen, pairs it kept, fp32 fallbacks."""
 
     precision: str = ""
     queries: int = 0
@@ -381,7 +381,8 @@ def knn_topk_cpu(
     if resolved == "int8" and reference.shape[1] > 100_000:
         resolved = "fp32"  # int32 sums of up to 127 * 127 * d would overflow
     stats = stats if stats is not None else KnnCpuStats()
-    stats.precision, stats.queries = resolved, queries.shape[0]
+    stats.precision = resolved
+    stats.queries += queries.shape[0]
     # Even chunks, each a multiple of both group sizes so that the levels tile it exactly.
     chunks = -(-reference.shape[0] // max(reference_chunk, 1))
     tile = GROUPS[0] * GROUPS[1]

@@ -42,7 +42,7 @@ from fastmem.errors import fail
 from .contract import Batch, LoaderOptions
 from .executor import GRAY_WEIGHTS
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 DALI_MISSING = "the dali pipeline needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda120)"
 DALI_KINDS = ("none", "standard", "full")
@@ -149,7 +149,7 @@ def _file_list(images: Any) -> tuple[str, ...] | None:
     return None
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """NVIDIA DALI backend: uint8 arrays or image files in, contract `Batch`es on `options.device` out."""
 
     def __init__(
@@ -193,19 +193,6 @@ class DaliLoader:
         self.gpu = options.device.type == "cuda"
         self.epoch, self._pending, self._generation = 0, 0, 0
         self.pipe = self._build(num_threads or options.workers or len(os.sched_getaffinity(0)))
-
-    @property
-    def num_views(self) -> int | None:
-        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
-        return self.spec.num_views
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and views the next iteration yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        o = self.options
-        return batches_per_epoch(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)
 
     def _build(self, num_threads: int) -> Any:
         dali, o = self.dali, self.options

@@ -16,14 +16,14 @@ import torch
 from .contract import Batch, LoaderOptions
 from .fastest import apply_views_fastest
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 CUDA_VIEW_ELEMENTS = 1 << 26  # output values per executor call on CUDA (256 MB in fp32; ~22k views at 32 px)
 CPU_BATCHES_PER_CALL = 8  # amortizes the parameter sampler's per-call overhead on CPU
 
 
-class DeviceLoader:
+class DeviceLoader(EpochLoader):
     """Dataset on `options.device` as uint8 NHWC; yields contract `Batch`es augmented there."""
 
     def __init__(
@@ -40,24 +40,12 @@ class DeviceLoader:
         self.num_classes = options.num_classes or int(self.targets.max()) + 1
         _, h, w, c = self.images.shape
         self.image_size, self.channels = (int(h), int(w)), int(c)
+        self.num_samples = len(self.images)
         self.epoch = 0
         if device.type == "cuda":
             self.batches_per_call = max(1, CUDA_VIEW_ELEMENTS // (options.batch_size * c * h * w))
         else:
             self.batches_per_call = CPU_BATCHES_PER_CALL
-
-    @property
-    def num_views(self) -> int | None:
-        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
-        return self.spec.num_views
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and views the next iteration yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        o = self.options
-        return batches_per_epoch(len(self.images), o.batch_size, o.rank, o.world, o.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         o = self.options

@@ -29,7 +29,7 @@ from .contract import Batch, LoaderOptions
 from .fastest import apply_views_fastest
 from .ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer
@@ -66,7 +66,7 @@ def _decode_threads(options: LoaderOptions, jpeg: bool) -> int:
     return max(1, cores // 2) if jpeg else 1
 
 
-class FfcvLoader:
+class FfcvLoader(EpochLoader):
     """FFCV backend: a .beton (given, or written from `images`) in, contract `Batch`es on `options.device` out."""
 
     def __init__(
@@ -140,19 +140,6 @@ class FfcvLoader:
                 fail(f"{reader.file_name}: images of several sizes; write it with python -m fastmem.pipelines.ffcv write")
             return (int(heights[0]), int(widths[0])), 3, ffcv.fields.decoders.SimpleRGBImageDecoder()
         fail(f"{reader.file_name}: no uint8 H×W×C '{IMAGE_FIELD}' field (write it with python -m fastmem.pipelines.ffcv write)")
-
-    @property
-    def num_views(self) -> int | None:
-        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
-        return self.spec.num_views
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and views the next iteration yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        o = self.options
-        return batches_per_epoch(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)
 
     def close(self) -> None:
         """Stop the epoch iterator in flight, if any (iteration does this itself when it ends or breaks)."""

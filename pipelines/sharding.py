@@ -9,11 +9,17 @@ global step has fewer samples than ranks (0 < N mod (world·batch) < world).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastmem.errors import fail
 
 from .params import epoch_permutation
+
+if TYPE_CHECKING:
+    from .contract import LoaderOptions
+    from .params import AugmentSpec
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -58,3 +64,28 @@ def batch_bounds(num_samples: int, batch_size: int, rank: int, world: int, drop_
     size = shard_size(num_samples, rank, world)
     count = batches_per_epoch(num_samples, batch_size, rank, world, drop_last)
     return [(k * batch_size, min((k + 1) * batch_size, size)) for k in range(count)]
+
+
+class EpochLoader:
+    """What every backend shares: the epoch knob, views per sample, and batches per epoch.
+
+    A backend sets `options`, `spec` and `num_samples` (and `epoch = 0`) in its constructor.
+    """
+
+    options: LoaderOptions
+    spec: AugmentSpec
+    num_samples: int
+    epoch: int = 0
+
+    @property
+    def num_views(self) -> int | None:
+        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
+        return self.spec.num_views
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and views the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        o = self.options
+        return batches_per_epoch(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .contract import Batch, LoaderOptions
 from .executor import apply_views
 from .params import AugmentSpec, sample_view_params, view_ids_for, view_targets
-from .sharding import batch_bounds, batches_per_epoch, check_shard_args, epoch_order, shard
+from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 
 class _ViewDataset(Dataset):
@@ -56,7 +56,7 @@ class _OrderSampler(Sampler[int]):
         return len(self.order)
 
 
-class TorchLoader:
+class TorchLoader(EpochLoader):
     """DataLoader baseline yielding contract `Batch`es on `options.device`."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions) -> None:
@@ -65,20 +65,8 @@ class TorchLoader:
         self.dataset = _ViewDataset(images, targets, options, num_classes)
         self.options = options
         self.spec: AugmentSpec = options.spec
+        self.num_samples = len(self.dataset)
         self.epoch = 0
-
-    @property
-    def num_views(self) -> int | None:
-        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
-        return self.spec.num_views
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and views the next iteration yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        o = self.options
-        return batches_per_epoch(len(self.dataset), o.batch_size, o.rank, o.world, o.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         o = self.options
