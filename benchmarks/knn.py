@@ -186,6 +186,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import faiss
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency: numpy's BLAS threads
+
+    threadpool_limits(args.threads)
 
     faiss.omp_set_num_threads(args.threads)
     info = describe_machine(torch.device("cpu"))
