@@ -1,6 +1,7 @@
 """Exact cosine k-NN, installed as `fastmem.kernels`: one entry point, a backend per device.
 
-- `cpu`: blocked bf16 candidate search with a rigorous error bound and an fp32 re-rank (`knn_cpu`);
+- `cpu`: a blocked int8 (or bf16) candidate screen with a rigorous error bound and an exact fp32
+  re-rank, plain fp32 where neither is fast (`knn_cpu`);
 - `cuda`: CuPy kernels — GEMM tiles feeding a streaming per-query top-k (`knn_cuda`);
 - `torch`: plain blocked fp32 mm + topk on any device (`knn_torch`), the fallback and the oracle.
 Neighbours are ranked by similarity, ties broken by the smaller reference index, on every backend;
