@@ -17,6 +17,9 @@ echo "== gpu tests =="
 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 echo "== k-NN benchmark (CuPy kernels vs torch vs faiss-gpu) =="
 "$PY" benchmarks/knn_gpu.py || status=1
+echo "== loader benchmark (device pipeline; DALI GPU when installed) =="
+"$PY" benchmarks/loaders.py --device cuda --sizes 32,64 --samples 50000 --seconds 2 --repeats 1 \
+  --warmup-batches 20 --backends device,dali || status=1
 echo "== train-step benchmark =="
 "$PY" benchmarks/train_step.py --device cuda || status=1
 exit $status
