@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastmem.errors import fail
@@ -83,6 +85,17 @@ class TrainConfig:
         if unknown:
             fail(f"config has unknown keys: {', '.join(unknown)}")
         return cls(**values)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config.json of a run directory; a missing or unreadable one is a user error."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        fail(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        return TrainConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        fail(f"{config_path}: unreadable run config ({err})")
 
 
 # Knobs that may change when resuming a run: they do not change what the run computes.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastmem.checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
+from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, load_run_config, parse_args
 from fastmem.data import ArrayDataset, canonical_name
 from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
 from fastmem.errors import fail, run_cli
@@ -81,13 +81,7 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
             fail(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
         return dataclasses.replace(cfg, out=str(run_dir)), run_dir, False
     run_dir = Path(resume)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        fail(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        fail(f"{config_path}: unreadable run config ({err})")
+    saved = load_run_config(run_dir)
     conflicting = sorted(
         name for name in explicit - RESUMABLE_OVERRIDES if getattr(cfg, name) != getattr(saved, name)
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastmem.config import TrainConfig
+from fastmem.config import load_run_config
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, VOTES
@@ -48,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        fail(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        fail(f"{config_path}: unreadable run config ({err})")
+    cfg = load_run_config(run_dir)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,
