@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import fastmem.pipelines as pipelines
@@ -19,12 +18,7 @@ from fastmem.errors import FastmemError
 SPECS = ["none", "standard", "full", "strength:0.6", "fullfixed:3:random"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # defined in conftest.py
 
 
 def _images(n: int = 60, size: int = 12, channels: int = 3) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from fastmem.pipelines.executor import apply_views
@@ -15,12 +13,7 @@ PHOTOMETRIC_TOL = 1e-5  # the contract allows 2/255 against torchvision; the ref
 JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # defined in conftest.py
 
 
 def _images(n: int, size: tuple[int, int] = (16, 16), channels: int = 3, seed: int = 0) -> torch.Tensor:
