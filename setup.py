@@ -2,7 +2,7 @@
 
 from setuptools import setup
 
-PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.probe", "fastmem.pipelines", "fastmem.kernels"]
+PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.probe", "fastmem.experiments", "fastmem.pipelines", "fastmem.kernels"]
 
 setup(
     name="fastmem",
@@ -28,5 +28,6 @@ setup(
         "tensorboard": ["tensorboard"],
         "dev": ["pytest", "pytest-timeout", "ruff", "scikit-learn", "faiss-cpu", "tensorboard"],
     },
-    entry_points={"console_scripts": ["fastmem-train=fastmem.train:cli", "fastmem-demo=fastmem.demo:cli"]},
+    entry_points={"console_scripts": ["fastmem-train=fastmem.train:cli", "fastmem-demo=fastmem.demo:cli",
+                                      "fastmem-experiments=fastmem.experiments.__main__:cli", "fastmem-report=fastmem.report:cli"]},
 )

@@ -1,0 +1,197 @@
+"""Experiments A–K of shared/PROTOCOL.md as small declarative specs.
+
+An experiment is a list of variants (each a set of trainer knobs on top of its scale's base knobs)
+plus what the report should draw. Three scales: `smoke` (seconds, for tests), `cpu` (Fashion-MNIST on
+two cores, about an hour or less per experiment) and `paper` (the authors' settings, for GPUs).
+Every experiment also carries the clean-label run of its scale as the report's reference line;
+identical knob sets share one run directory across experiments, so it is trained once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCALES = ("smoke", "cpu", "paper")
+
+# Knobs every run of a scale starts from (TrainConfig field names).
+SCALE_BASE: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "dataset": "fashion-mnist", "subset": 256, "probe_subset": 200, "model": "small_cnn", "width": 0.25,
+        "bottleneck_dim": 256, "batch_size": 64, "epochs": 3, "probe_every": 1, "checkpoint_every": 1,
+        "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cpu", "precision": "fp32", "threads": 1,
+        "progress": False,
+    },
+    # The recipe PROTOCOL.md reports as showing A on two cores: MSE, wide bias-free head, Adam 3e-4.
+    "cpu": {
+        "dataset": "fashion-mnist", "subset": 5000, "probe_subset": 2000, "model": "small_cnn", "width": 0.5,
+        "bottleneck_dim": 4096, "batch_size": 256, "epochs": 100, "probe_every": 10, "checkpoint_every": 10,
+        "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cpu", "precision": "fp32", "threads": 1,
+        "progress": False,
+    },
+    # The authors' setup; mixed precision and channels_last are fastmem's (the science is unchanged).
+    "paper": {
+        "dataset": "cifar10", "subset": 0, "probe_subset": 0, "model": "resnet18", "width": 1.0,
+        "bottleneck_dim": 65536, "batch_size": 256, "epochs": 1000, "probe_every": 50, "checkpoint_every": 50,
+        "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cuda", "precision": "auto",
+        "probe_project_dim": 4096, "progress": False,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run of an experiment: its knobs (on top of the scale's base) and how the report shows it."""
+
+    label: str
+    knobs: Mapping[str, Any]
+    value: float | None = None  # x position in the experiment's own plots (n, strength, p, …)
+    group: str = ""  # a plot panel for experiments with several axes (F)
+    role: str = "run"  # "run", "clean" (clean-label reference line) or "source" (J's trained network)
+    init_from: str | None = None  # label of the variant whose final checkpoint this run starts from
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    title: str
+    varies: str
+    expectation: str
+    build: Callable[[str], list[Variant]]
+    x_label: str = ""
+    plots: tuple[str, ...] = ()  # extra report plots: "tradeoff", "fit_vs_views", "capacity"
+    notes: Mapping[str, str] = field(default_factory=dict)  # per scale: what it can and cannot show
+
+    def variants(self, scale: str) -> list[Variant]:
+        variants = self.build(scale)
+        if not any(v.role == "clean" for v in variants):
+            variants.append(CLEAN)
+        return variants
+
+
+RANDOM = {"label_noise": 1.0}
+CLEAN = Variant("clean labels, full aug", {"label_noise": 0.0, "augment": "full"}, role="clean")
+
+
+def _pick(scale: str, smoke: list[Any], cpu: list[Any], paper: list[Any]) -> list[Any]:
+    return {"smoke": smoke, "cpu": cpu, "paper": paper}[scale]
+
+
+def _a(scale: str) -> list[Variant]:
+    return [
+        Variant("random labels, full aug", {**RANDOM, "augment": "full"}),
+        Variant("random labels, no aug", {**RANDOM, "augment": "none"}),
+        CLEAN,
+    ]
+
+
+def _b(scale: str) -> list[Variant]:
+    return [
+        Variant("random labels, no aug", {**RANDOM, "augment": "none"}, value=0),
+        Variant("random labels, standard aug", {**RANDOM, "augment": "standard"}, value=1),
+        Variant("random labels, full aug", {**RANDOM, "augment": "full"}, value=2),
+        CLEAN,
+    ]
+
+
+def _c(scale: str) -> list[Variant]:
+    ns = _pick(scale, [1, 4], [1, 2, 5, 20], [1, 2, 5, 10, 20, 50, 100])
+    fixed = [Variant(f"n={n} views", {**RANDOM, "augment": f"fullfixed:{n}:same"}, value=n) for n in ns]
+    return fixed + [Variant("n=∞ (full aug)", {**RANDOM, "augment": "full"}, value=float("inf"))]
+
+
+def _d(scale: str) -> list[Variant]:
+    strengths = _pick(scale, [0.5], [0.25, 0.5, 1.0], [0.1, 0.25, 0.5, 0.75, 1.0])
+    named = [Variant("no aug", {**RANDOM, "augment": "none"}, value=0.0),
+             Variant("standard aug", {**RANDOM, "augment": "standard"}, group="named sets"),
+             Variant("full aug", {**RANDOM, "augment": "full"}, group="named sets")]
+    return named + [Variant(f"RandAugment a={a:g}", {**RANDOM, "augment": f"strength:{a:g}"}, value=a) for a in strengths]
+
+
+def _e(scale: str) -> list[Variant]:
+    ns = _pick(scale, [1, 4], [1, 2, 5, 10, 20], [1, 2, 5, 10, 20, 50, 100])
+    return [Variant(f"n={n}, label per view", {**RANDOM, "augment": f"fullfixed:{n}:random"}, value=n) for n in ns]
+
+
+def _f(scale: str) -> list[Variant]:
+    base_b = SCALE_BASE[scale]["bottleneck_dim"]
+    base_n = SCALE_BASE[scale]["subset"] or 50000
+    base_w = SCALE_BASE[scale]["width"]
+    widths = _pick(scale, [0, 1024], [0, 512, 4096, 16384], [0, 512, 4096, 16384, 65536])
+    subsets = _pick(scale, [128, 256], [1000, 5000, 20000], [1000, 5000, 20000, 50000])
+    model_widths = _pick(scale, [0.25, 0.5], [0.25, 0.5, 1.0], [0.25, 0.5, 1.0])
+    aug = {**RANDOM, "augment": "full"}
+    variants = [Variant(f"B={b}", {**aug, "bottleneck_dim": b}, value=b, group="projector width B") for b in widths]
+    variants += [Variant(f"N={n}", {**aug, "subset": n}, value=n, group="training images N") for n in subsets if n != base_n]
+    variants += [Variant(f"width×{w:g}", {**aug, "width": w}, value=w, group="encoder width") for w in model_widths if w != base_w]
+    if base_b in widths:  # the base run belongs to every axis: show it on the subset and width panels too
+        variants += [Variant(f"N={base_n}", {**aug, "bottleneck_dim": base_b}, value=base_n, group="training images N"),
+                     Variant(f"width×{base_w:g}", {**aug, "bottleneck_dim": base_b}, value=base_w, group="encoder width")]
+    return variants
+
+
+def _g(scale: str) -> list[Variant]:
+    ms = _pick(scale, [2], [1, 5, 10], [1, 2, 5, 10])
+    same_image = Variant("the image itself (no aug)", {**RANDOM, "augment": "none"}, value=0)
+    return [same_image] + [Variant(f"m={m} same-class images", {**RANDOM, "augment": "none", "iid_views": m}, value=m)
+                           for m in ms]
+
+
+def _h(scale: str) -> list[Variant]:
+    ps = _pick(scale, [0.0, 0.5, 1.0], [0.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    variants = [Variant(f"noise p={p:g}", {"label_noise": p, "augment": "full"}, value=p) for p in ps]
+    if 0.0 in ps:
+        variants[ps.index(0.0)] = Variant("noise p=0", {"label_noise": 0.0, "augment": "full"}, value=0.0, role="clean")
+    return variants
+
+
+def _i(scale: str) -> list[Variant]:
+    none = {**RANDOM, "augment": "none"}
+    return [Variant("no aug", none), Variant("mixup p=0.8, no aug", {**none, "mixup": 0.8}),
+            Variant("cutmix p=0.8, no aug", {**none, "cutmix": 0.8})]
+
+
+def _j(scale: str) -> list[Variant]:
+    source = "random labels, full aug (source)"
+    retrain = {**RANDOM, "augment": "none", "label_seed": 1,
+               "epochs": max(1, SCALE_BASE[scale]["epochs"] // 2)}
+    resets = _pick(scale, ["head", "stage4,head"], ["head", "stage4,head", "stage3,stage4,head"],
+                   ["head", "stage4,head", "stage3,stage4,head", "stage2,stage3,stage4,head"])
+    variants = [Variant(source, {**RANDOM, "augment": "full"}, role="source"),
+                Variant("from scratch, no aug", retrain, value=-1)]
+    variants += [Variant(f"reset {r}", {**retrain, "reinit": r}, value=len(r.split(",")), init_from=source) for r in resets]
+    return variants
+
+
+def _k(scale: str) -> list[Variant]:
+    return [CLEAN, Variant("clean labels, no aug", {"label_noise": 0.0, "augment": "none"})]
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
+    Experiment("A", "random labels ± augmentation", "augment ∈ {full, none}, label_noise 1",
+               "with augmentation k-NN stays far above the untrained probe; without it the late layers collapse", _a),
+    Experiment("B", "layer-wise probe", "augment ∈ {none, standard, full}; every probe point",
+               "only the last layers lose k-NN accuracy", _b),
+    Experiment("C", "number of fixed views n", "augment fullfixed:n:same, n ∈ scale's list, plus full (n=∞)",
+               "larger n: better k-NN, harder to fit the random labels", _c, x_label="views per image n",
+               plots=("tradeoff",)),
+    Experiment("D", "augmentation strength", "augment strength:a (RandAugment) and the named sets",
+               "the same trade-off as C: stronger augmentation, better features, harder fit", _d,
+               x_label="RandAugment strength a", plots=("tradeoff",)),
+    Experiment("E", "random label per view", "augment fullfixed:n:random (one label per view)",
+               "fitting fails as N·n grows (capacity)", _e, x_label="views per image n", plots=("fit_vs_views",)),
+    Experiment("F", "capacity", "projector width B, training images N, encoder width",
+               "wide heads memorize; fewer samples are memorized more malignly", _f, plots=("capacity",)),
+    Experiment("G", "i.i.d. views", "iid_views m: each load shows one of m other real images of the same true class",
+               "strong features despite random labels", _g, x_label="same-class images per anchor m"),
+    Experiment("H", "partial label noise", "label_noise p ∈ [0, 1], full aug",
+               "between the clean and the random-label runs", _h, x_label="label noise p", plots=("tradeoff",)),
+    Experiment("I", "mixup", "mixup p=0.8 (label kept) and cutmix p=0.8, no aug",
+               "to be measured", _i),
+    Experiment("J", "re-initialize the last layers", "reinit of the last block(s) and/or the head of a trained "
+               "random-label network, retrained on new random labels without augmentation",
+               "the earlier layers keep the features", _j, x_label="blocks reset"),
+    Experiment("K", "clean-label and untrained baselines", "label_noise 0 with full and no aug; the epoch-0 probe",
+               "the bounds the other experiments are read against", _k),
+]}
