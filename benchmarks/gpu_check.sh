@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
-# One-shot GPU check: every `gpu`-marked test and the GPU benchmarks, figures (with the device name)
-# written to benchmarks/results/. Works in our venv or in any environment with torch (+ CuPy).
+# One-shot GPU check (about 8 minutes): every `gpu`-marked test and the GPU benchmarks — CuPy k-NN
+# kernels, loaders (device pipeline; DALI GPU when installed), train step with loader wait, probe
+# extraction eager vs TensorRT (when torch-tensorrt is installed). Figures go to benchmarks/results/,
+# every file named after the GPU (e.g. train_step-gpu-H100.json, gpu_tests-H100.log).
 #   PYTHON=.venv/bin/python benchmarks/gpu_check.sh        # our venv
-#   benchmarks/gpu_check.sh                                # a preinstalled torch: python3
+#   benchmarks/gpu_check.sh                                # a preinstalled torch (+ CuPy): python3
+# Each stage has a time cap (seconds; STAGE_SCALE=2 doubles them all); a stage that fails or runs
+# out of time marks the check failed and the next stage still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SCALE=${STAGE_SCALE:-1}
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 status=0
+started=$(date +%s)
 "$PY" -c "import fastmem.pipelines, fastmem.kernels" 2>/dev/null \
   || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   || { echo "gpu_check: could not install fastmem"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/gpu_device.txt"
-echo "== gpu tests =="
-"$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
-echo "== k-NN benchmark (CuPy kernels vs torch vs faiss-gpu) =="
-"$PY" benchmarks/knn_gpu.py || status=1
-echo "== loader benchmark (device pipeline; DALI GPU when installed) =="
-"$PY" benchmarks/loaders.py --device cuda --sizes 32,64 --samples 50000 --seconds 2 --repeats 1 \
-  --warmup-batches 20 --backends device,dali || status=1
-echo "== train-step benchmark =="
-"$PY" benchmarks/train_step.py --device cuda || status=1
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+# The model in the GPU's name, as benchmarks/machine.py's results_tag: 'NVIDIA H100 80GB HBM3' → H100.
+tag=$(echo "$gpu" | sed 's/NVIDIA//' | tr ' ' '\n' | grep '[0-9]' | grep -m1 '[A-Za-z]' | tr -cd 'A-Za-z0-9_-')
+tag=${tag:-$(echo "$gpu" | sed 's/NVIDIA//' | xargs | tr -c 'A-Za-z0-9\n' '-')}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/gpu_device-$tag.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$RESULTS/gpu_device-$tag.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$(( $2 * SCALE )) t0
+  shift 2
+  echo "== $name (cap ${limit}s) =="
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s =="
+  if [ $rc -ne 0 ]; then status=1; fi
+}
+
+stage "gpu tests (pytest -m gpu)" 240 bash -c \
+  "'$PY' -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee '$RESULTS/gpu_tests-$tag.log'; exit \${PIPESTATUS[0]}"
+stage "k-NN benchmark (CuPy kernels vs torch vs faiss-gpu)" 60 "$PY" benchmarks/knn_gpu.py
+stage "loader benchmark (device pipeline; DALI GPU when installed)" 45 \
+  "$PY" benchmarks/loaders.py --device cuda --sizes 32,64 --samples 50000 --seconds 2 --repeats 1 \
+  --warmup-batches 20 --backends device,dali
+stage "train-step benchmark (+ loader wait per pipeline)" 120 "$PY" benchmarks/train_step.py --device cuda
+stage "extraction benchmark (eager vs TensorRT when installed)" 60 "$PY" benchmarks/extract.py --device cuda
+echo "gpu_check: $gpu, $(( $(date +%s) - started ))s in all, status $status"
 exit $status

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmem.kernels.knn_cuda import cuda_available, knn_topk_cuda  # noqa: E402
-from machine import describe_machine, machine_label  # noqa: E402
+from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Search = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -196,8 +196,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"benchmark": "knn_gpu", "machine": machine, "k": args.k, "reps": args.reps, "rows": rows,
                "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (RESULTS / "knn-gpu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'knn-gpu.json'}")
+    out = RESULTS / f"knn-{results_tag(machine)}.json"  # e.g. knn-gpu-H100.json
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmem.pipelines import make_loader  # noqa: E402
-from machine import describe_machine, machine_label  # noqa: E402
+from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 from fastmem.data.synthetic import make_synthetic  # noqa: E402
 from fastmem.errors import FastmemError  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> None:
           f"images, best of {args.repeats}; torch threads {torch.get_num_threads()}; "
           f"load average {load_before[0]:.1f} → {load_after[0]:.1f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"loaders-{'gpu-' + str(machine['gpu']).split()[-1] if device.type == 'cuda' else 'cpu'}.json"
+    out = RESULTS / f"loaders-{results_tag(machine)}.json"  # loaders-cpu.json, loaders-gpu-H100.json
     payload = {"benchmark": "loaders", "machine": machine, "augment": "full", "batch_size": args.batch_size,
                "samples": args.samples, "seconds": args.seconds, "repeats": args.repeats, "rows": rows,
                "skipped": skipped, "baseline": BASELINE, "load_average": [load_before[0], load_after[0]],

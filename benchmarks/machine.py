@@ -33,3 +33,12 @@ def describe_machine(device: torch.device) -> dict[str, str | int]:
 
 def machine_label(info: dict[str, str | int]) -> str:
     return str(info["gpu"]) if "gpu" in info else f"{info['cpu']} ({info['cores']} cores)"
+
+
+def results_tag(info: dict[str, str | int]) -> str:
+    """'cpu', or 'gpu-<model>' from the GPU's name (e.g. 'NVIDIA H100 80GB HBM3' → 'gpu-H100'), for file names."""
+    if "gpu" not in info:
+        return "cpu"
+    words = str(info["gpu"]).replace("NVIDIA", "").split()
+    model = next((w for w in words if any(c.isdigit() for c in w) and any(c.isalpha() for c in w)), "-".join(words))
+    return "gpu-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in model)

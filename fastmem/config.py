@@ -40,10 +40,20 @@ class TrainConfig:
                          "strength:A (RandAugment, 0 <= A <= 1), fullfixed:N[:same|random] (N fixed views per image)")
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
     workers: int = _knob(0, "DataLoader worker processes for the torch pipeline")
+    iid_views: int = _knob(0, "i.i.d. views M (experiment G): each load of image i shows one of M reserved real images "
+                           "of its true class from the rest of the training split, with i's random label "
+                           "(0 = off; device and torch pipelines)")
+    mixup: float = _knob(0.0, "per-batch probability of Mixup x <- lam*x + (1-lam)*x[perm], lam ~ U(0,1); "
+                         "labels not mixed")
+    cutmix: float = _knob(0.0, "per-batch probability of CutMix (a box of area 1-lam pasted from x[perm]; labels "
+                          "kept); mixup + cutmix <= 1")
     # model
     model: str = _knob("small_cnn", "model: small_cnn, resnet18 (CIFAR stem), mlp")
     width: float = _knob(1.0, "width multiplier of the encoder")
     bottleneck_dim: int = _knob(4096, "projector width B (0 = a single linear head)")
+    init_from: str = _knob("", "start from the weights of this run directory or checkpoint.pt (experiment J)")
+    reinit: str = _knob("", "with --init-from: freshly re-initialize these parts, comma-separated: encoder blocks "
+                        "(stem, stage1..stage4), head (the projector), head_hidden / head_out (its first / last linear)")
     # optimisation
     loss: str = _knob("mse", "mse on one-hot targets (paper) or ce (cross-entropy)", choices=("mse", "ce"))
     optimizer: str = _knob("adam", "optimizer", choices=("adam", "sgd"))
@@ -57,6 +67,8 @@ class TrainConfig:
                            choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _knob(True, "channels_last memory format for images and model")
     compile: bool = _knob(False, "torch.compile the model")
+    sync_bn: bool = _knob(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only) instead "
+                          "of each rank normalizing its own batch")
     threads: int = _knob(0, "torch CPU threads (0 = torch's default)")
     seed: int = _knob(0, "seed of initialisation, data order and augmentation")
     # probe
@@ -65,6 +77,9 @@ class TrainConfig:
     probe_vote: str = _knob("majority", "k-NN vote: majority (paper) or weighted (DINO, exp(sim/0.07))",
                             choices=("majority", "weighted"))
     probe_project_dim: int = _knob(0, "random-project probe points wider than this to this dim (0 = exact; e.g. 4096 for B = 65,536)")
+    extract_backend: str = _knob("eager", "probe embedding extraction: eager (PyTorch) or trt (a torch-tensorrt engine "
+                                 "built at each probe; falls back to eager without torch-tensorrt or a GPU)",
+                                 choices=("eager", "trt"))
     # output
     out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)")
     checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)")
@@ -99,7 +114,8 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 # Knobs that may change when resuming a run: they do not change what the run computes.
-RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "workers", "threads", "checkpoint_every", "tensorboard", "progress", "out"})
+RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "workers", "threads", "checkpoint_every", "tensorboard", "progress", "out",
+                                 "extract_backend"})
 
 
 def _bool(text: str) -> bool:

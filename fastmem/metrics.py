@@ -56,3 +56,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class DiscardingMetricsLogger(MetricsLogger):
+    """The logger of ranks other than 0 under torchrun: logs nothing (rank 0 logs the all-rank totals)."""
+
+    def __init__(self) -> None:
+        self.path = Path("/dev/null")
+        self.writer = None
+
+    def truncate_after(self, epoch: int) -> None:
+        pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass

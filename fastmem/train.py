@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -25,14 +24,31 @@ from tqdm import tqdm
 from fastmem.checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, load_run_config, parse_args
 from fastmem.data import ArrayDataset, canonical_name
+from fastmem.data.iid_views import build_iid_view_pool
 from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
+from fastmem.distributed import (
+    barrier,
+    broadcast_buffers_from_main,
+    check_sync_bn,
+    distributed_session,
+    epoch_totals,
+    is_main_rank,
+    losses_of_all_ranks,
+    per_rank_batch,
+    rank_device,
+    rank_info,
+    wrap_data_parallel,
+)
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import write_json_atomic
-from fastmem.metrics import MetricsLogger
+from fastmem.metrics import DiscardingMetricsLogger, MetricsLogger
+from fastmem.mixing import check_mixing_knobs, mix_batch
 from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
-from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, make_loader
+from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, ViewPool, make_loader
+from fastmem.pipelines.view_pool import check_view_pool_pipeline
 from fastmem.probe import probe_knn
-from fastmem.run_data import select_run_data
+from fastmem.reinit import check_init_knobs, init_from_checkpoint
+from fastmem.run_data import load_run_splits
 from fastmem.runtime import autocast, resolve_device, resolve_precision, set_cpu_threads
 
 
@@ -41,6 +57,7 @@ class RunData:
     train: ArrayDataset
     probe_queries: ArrayDataset
     labels: RunLabels
+    view_pool: ViewPool | None = None  # --iid-views: reserved same-class images per training image
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -69,6 +86,12 @@ def validate(cfg: TrainConfig) -> None:
         fail(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_NAMES)}")
     canonical_name(cfg.dataset)
     AugmentSpec.parse(cfg.augment)
+    if cfg.iid_views < 0:
+        fail(f"--iid-views must be >= 0, got {cfg.iid_views}")
+    if cfg.iid_views:
+        check_view_pool_pipeline(cfg.pipeline)
+    check_mixing_knobs(cfg.mixup, cfg.cutmix)
+    check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
     device = resolve_device(cfg.device)
     resolve_precision(cfg.precision, device)
 
@@ -95,17 +118,19 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
 
 def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     """Training images (optionally a seeded subset), probe queries, and the run's labels."""
-    train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
-                                  image_size=cfg.image_size, seed=cfg.seed)
+    splits = load_run_splits(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
+                             image_size=cfg.image_size, seed=cfg.seed)
+    train, test = splits.train, splits.test
+    view_pool = build_iid_view_pool(splits, cfg.iid_views, cfg.seed) if cfg.iid_views else None
     labels = make_targets(train.labels, train.num_classes, cfg.label_noise, cfg.label_seed)
     labels_path = run_dir / "labels.npz"
     if resuming and labels_path.exists():
         saved = load_labels(labels_path)
         if not np.array_equal(saved.targets, labels.targets) or not np.array_equal(saved.true_labels, labels.true_labels):
             fail(f"{labels_path}: saved labels differ from the ones this config draws (data changed?)")
-    else:
+    elif is_main_rank():  # under torchrun only rank 0 writes files
         save_labels(labels_path, labels)
-    return RunData(train, test, labels)
+    return RunData(train, test, labels, view_pool)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -133,13 +158,18 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
     explicit = set(explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)})
     cfg, run_dir, resuming = resolve_run_dir(cfg, explicit, resume)
     validate(cfg)
-    device = resolve_device(cfg.device)
+    ranks = rank_info()  # torchrun: this process's rank and the world size (1 without torchrun)
+    batch_per_rank = per_rank_batch(cfg.batch_size, ranks.world)  # --batch-size is global
+    device = rank_device(resolve_device(cfg.device))
+    check_sync_bn(cfg.sync_bn, device)
     dtype = resolve_precision(cfg.precision, device)
     if cfg.threads:
         set_cpu_threads(cfg.threads)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resuming and (run_dir / CHECKPOINT_NAME).exists() else None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     data = load_run_data(cfg, run_dir, resuming)
 
     torch.manual_seed(cfg.seed)
@@ -150,6 +180,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
     ).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if checkpoint is None and cfg.init_from:  # experiment J: trained weights, named parts freshly initialized
+        init_from_checkpoint(model, cfg.init_from, cfg.reinit)
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch = 0
@@ -159,35 +191,42 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         start_epoch = int(checkpoint["epoch"])
-    step_model = torch.compile(model) if cfg.compile else model
+    parallel_model = wrap_data_parallel(model, device, cfg.sync_bn)  # DDP when world > 1; shares `model`'s weights
+    step_model = torch.compile(parallel_model) if cfg.compile else parallel_model
 
     loader = make_loader(
-        cfg.pipeline, data.train.images, data.labels.targets, augment=cfg.augment, batch_size=cfg.batch_size,
-        device=device, seed=cfg.seed, label_seed=cfg.label_seed, workers=cfg.workers,
-        channels_last=cfg.channels_last, num_classes=data.train.num_classes,
+        cfg.pipeline, data.train.images, data.labels.targets, augment=cfg.augment, batch_size=batch_per_rank,
+        rank=ranks.rank, world=ranks.world, device=device, seed=cfg.seed, label_seed=cfg.label_seed, workers=cfg.workers,
+        channels_last=cfg.channels_last, num_classes=data.train.num_classes, view_pool=data.view_pool,
     )
     true_labels = torch.as_tensor(data.labels.true_labels, device=device)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
-    metrics = MetricsLogger(run_dir, cfg.tensorboard)
+    if ranks.is_main:
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
+    metrics = MetricsLogger(run_dir, cfg.tensorboard) if ranks.is_main else DiscardingMetricsLogger()
     metrics.truncate_after(start_epoch)
 
     def probe(epoch: int) -> dict[str, float]:
+        broadcast_buffers_from_main(model)  # every rank probes rank 0's model
         accuracy = probe_knn(
             model, data.train.images, data.train.labels, data.probe_queries.images, data.probe_queries.labels,
             device=device, dtype=dtype, k=cfg.probe_k, vote=cfg.probe_vote, num_classes=data.train.num_classes,
-            project_dim=cfg.probe_project_dim,
+            project_dim=cfg.probe_project_dim, distributed=ranks.world > 1, extract_backend=cfg.extract_backend,
+            engine_dir=None,  # weights change every probe: engines are built in memory, cached only by the probe CLI
         )
         print(f"  k-NN @ epoch {epoch}: " + "  ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
         return {f"knn/{name}": value for name, value in accuracy.items()}
 
     def write_checkpoint(epoch: int) -> None:
+        if not ranks.is_main:
+            return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "rng": capture_rng_state(), "config": json.dumps(cfg.to_dict()),
         })
 
     print(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({len(data.train)} images, {cfg.augment} aug, "
-          f"label noise {cfg.label_noise:g}) on {device}, precision {dtype or 'fp32'}", flush=True)
+          f"label noise {cfg.label_noise:g}) on {device}, precision {dtype or 'fp32'}"
+          + (f", {ranks.world} ranks × batch {batch_per_rank}" if ranks.world > 1 else ""), flush=True)
     if start_epoch == 0 and should_probe(cfg, 0):
         metrics.log({"epoch": 0, **probe(0)})
     steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
@@ -202,8 +241,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None
     if start_epoch >= cfg.epochs and not (run_dir / CHECKPOINT_NAME).exists():
         write_checkpoint(cfg.epochs)
     metrics.close()
-    summary = {"epochs": cfg.epochs, "final": record, "run_dir": str(run_dir)}
-    write_json_atomic(run_dir / "summary.json", summary)
+    summary = {"epochs": cfg.epochs, "final": record, "run_dir": str(run_dir), "world_size": ranks.world}
+    if ranks.is_main:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 
@@ -219,12 +259,13 @@ def run_epoch(
     fit_true = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False, file=sys.stderr)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress or not is_main_rank(), leave=False, file=sys.stderr)
     batches = iter(loader)
     for step in range(1, steps + 1):
         batch = next(batches)
         with autocast(device, dtype):
-            output = model(batch.images)
+            output = model(mix_batch(batch.images, mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed, epoch=epoch,
+                                     step=step))
         loss = compute_loss(cfg.loss, output, batch.targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -241,9 +282,10 @@ def run_epoch(
     bar.close()
     del batches
     elapsed = time.perf_counter() - started
+    mean_loss, fit_random, fit_true, seen = epoch_totals(losses, fit_random, fit_true, seen)  # over all ranks
     record = {
         "epoch": epoch,
-        "loss": float(torch.stack(losses).mean()) if losses else math.nan,
+        "loss": mean_loss,
         "train_acc_random": float(fit_random) / max(seen, 1),
         "train_acc_true": float(fit_true) / max(seen, 1),
         "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
@@ -256,7 +298,7 @@ def run_epoch(
 
 def check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
     """Fail at the first non-finite loss, naming its epoch and step; the last checkpoint stays untouched."""
-    finite = torch.isfinite(torch.stack(losses))
+    finite = torch.isfinite(losses_of_all_ranks(torch.stack(losses)))  # all ranks stop together
     if not bool(finite.all()):
         first_bad = int((~finite).nonzero()[0])
         fail(f"non-finite loss at epoch {epoch}, step {first_bad + 1}; stopping (the last good checkpoint is kept)")
@@ -264,7 +306,8 @@ def check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, explicit, resume = parse_args(argv)
-    train(cfg, explicit, resume)
+    with distributed_session():  # joins the process group under torchrun
+        train(cfg, explicit, resume)
     return 0
 
 

@@ -20,6 +20,7 @@ from fastmem.errors import fail
 
 from .contract import AUGMENT_NAMES, Batch, Loader, LoaderOptions
 from .params import AUGMENT_FORMS, AugmentSpec
+from .view_pool import ViewPool, check_view_pool, check_view_pool_pipeline
 
 
 class _Backend(NamedTuple):
@@ -58,8 +59,15 @@ def make_loader(
     channels_last: bool = True,
     dtype: torch.dtype = torch.float32,
     num_classes: int | None = None,
+    view_pool: ViewPool | None = None,
 ) -> Loader:
-    """A loader of augmented views over `source` (uint8 NHWC array, ArrayDataset, dataset name or image folder)."""
+    """A loader of augmented views over `source` (uint8 NHWC array, ArrayDataset, dataset name or image folder).
+
+    `view_pool` (device and torch backends): each load of sample i shows one of its reserved images instead
+    (i.i.d. views, see view_pool.py); targets, order and augmentation parameters stay sample i's.
+    """
+    if view_pool is not None:
+        check_view_pool_pipeline(pipeline)
     factory = _backend(pipeline)
     spec = AugmentSpec.parse(augment)
     images, targets, known_classes = _resolve_source(source, targets)
@@ -72,7 +80,10 @@ def make_loader(
         drop_last=drop_last, rank=rank, world=world, workers=workers, channels_last=channels_last, dtype=dtype,
         num_classes=num_classes or known_classes or int(targets.max()) + 1,
     )
-    return factory(images, targets, options)
+    if view_pool is None:
+        return factory(images, targets, options)
+    check_view_pool(view_pool, len(images), tuple(images.shape[1:]))
+    return factory(images, targets, options, view_pool=view_pool)
 
 
 def _backend(pipeline: str):
@@ -131,5 +142,5 @@ def _resolve_source(source, targets) -> tuple[np.ndarray | torch.Tensor, np.ndar
 
 __all__ = [
     "AUGMENT_FORMS", "AUGMENT_NAMES", "AugmentSpec", "Batch", "Loader", "LoaderOptions", "PIPELINE_NAMES",
-    "make_loader",
+    "ViewPool", "make_loader",
 ]

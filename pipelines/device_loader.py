@@ -17,6 +17,7 @@ from .contract import Batch, LoaderOptions
 from .fastest import apply_views_fastest
 from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
 from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
+from .view_pool import ViewPool, shown_pool_rows
 
 Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 CUDA_VIEW_ELEMENTS = 1 << 26  # output values per executor call on CUDA (256 MB in fp32; ~22k views at 32 px)
@@ -28,7 +29,7 @@ class DeviceLoader(EpochLoader):
 
     def __init__(
         self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
-        executor: Executor = apply_views_fastest,
+        executor: Executor = apply_views_fastest, *, view_pool: ViewPool | None = None,
     ) -> None:
         check_shard_args(len(images), options.batch_size, options.rank, options.world, options.drop_last)
         self.options, self.executor = options, executor
@@ -41,6 +42,9 @@ class DeviceLoader(EpochLoader):
         _, h, w, c = self.images.shape
         self.image_size, self.channels = (int(h), int(w)), int(c)
         self.num_samples = len(self.images)
+        # i.i.d. views: the reserved images on the device too; each load gathers one of sample i's rows.
+        self.pool_images = None if view_pool is None else torch.as_tensor(view_pool.images).to(device).contiguous()
+        self.pool_rows = None if view_pool is None else torch.as_tensor(view_pool.rows, dtype=torch.int64).to(device)
         self.epoch = 0
         if device.type == "cuda":
             self.batches_per_call = max(1, CUDA_VIEW_ELEMENTS // (options.batch_size * c * h * w))
@@ -67,9 +71,12 @@ class DeviceLoader(EpochLoader):
         params = sample_view_params(self.spec, o.seed, indices, view_ids, self.image_size, self.channels)
         out = torch.empty((len(indices), self.channels, *self.image_size), dtype=o.dtype, device=o.device,
                           memory_format=o.memory_format)
+        source, rows = self.images, indices
+        if self.pool_rows is not None:
+            source, rows = self.pool_images, shown_pool_rows(self.pool_rows, o.seed, self.epoch, indices)
         if self.executor is apply_views_fastest:
-            images = apply_views_fastest(self.images, params, out, o.channels_last, rows=indices)
+            images = apply_views_fastest(source, params, out, o.channels_last, rows=rows)
         else:
-            images = self.executor(self.images[indices], params, out, o.channels_last)
+            images = self.executor(source[rows], params, out, o.channels_last)
         targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids, self.num_classes)
         return Batch(images, targets, indices, view_ids)

@@ -29,6 +29,7 @@ S_SCALE, S_RATIO = 0, 10  # ten RandomResizedCrop attempts each
 S_TOP, S_LEFT, S_FLIP, S_JITTER, S_FACTORS, S_ORDER, S_GRAY = 20, 21, 22, 23, 24, 28, 29
 S_RA_OP, S_RA_SIGN = 30, 40  # up to ten RandAugment ops each
 S_VIEW_CHOICE, S_EPOCH_ORDER, S_VIEW_LABEL = 1000, 1001, 1002
+S_IID_VIEW, S_MIX_BATCH = 1003, 1004  # i.i.d. view choice (view_pool.py); per-batch mixing (fastmem/mixing.py)
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

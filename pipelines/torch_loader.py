@@ -18,14 +18,17 @@ from .contract import Batch, LoaderOptions
 from .executor import apply_views
 from .params import AugmentSpec, sample_view_params, view_ids_for, view_targets
 from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
+from .view_pool import ViewPool, shown_pool_rows
 
 
 class _ViewDataset(Dataset):
     """uint8 NHWC array + targets → (float CHW view, target, index, view id) per sample at the set epoch."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
-                 num_classes: int) -> None:
+                 num_classes: int, view_pool: ViewPool | None = None) -> None:
         self.images = torch.as_tensor(images).cpu().contiguous()
+        self.pool_images = None if view_pool is None else torch.as_tensor(view_pool.images).cpu().contiguous()
+        self.pool_rows = None if view_pool is None else torch.as_tensor(view_pool.rows, dtype=torch.int64).cpu()
         self.targets = torch.as_tensor(targets, dtype=torch.int64).cpu()
         self.spec, self.seed, self.label_seed = options.spec, options.seed, options.label_seed
         self.num_classes = num_classes
@@ -38,7 +41,10 @@ class _ViewDataset(Dataset):
         one = torch.tensor([index])
         view_id = view_ids_for(self.spec, self.seed, self.epoch, one)
         params = sample_view_params(self.spec, self.seed, one, view_id, tuple(self.images.shape[1:3]), self.images.shape[3])
-        image = apply_views(self.images[index:index + 1], params, channels_last=False)[0]
+        source, row = self.images, index
+        if self.pool_rows is not None:  # i.i.d. views: one of this sample's reserved images
+            source, row = self.pool_images, int(shown_pool_rows(self.pool_rows, self.seed, self.epoch, one)[0])
+        image = apply_views(source[row:row + 1], params, channels_last=False)[0]
         target = view_targets(self.spec, self.targets, self.label_seed, one, view_id, self.num_classes)[0]
         return image, target, index, view_id[0]
 
@@ -59,10 +65,11 @@ class _OrderSampler(Sampler[int]):
 class TorchLoader(EpochLoader):
     """DataLoader baseline yielding contract `Batch`es on `options.device`."""
 
-    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions) -> None:
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, options: LoaderOptions,
+                 *, view_pool: ViewPool | None = None) -> None:
         check_shard_args(len(images), options.batch_size, options.rank, options.world, options.drop_last)
         num_classes = options.num_classes or int(np.asarray(targets).max()) + 1
-        self.dataset = _ViewDataset(images, targets, options, num_classes)
+        self.dataset = _ViewDataset(images, targets, options, num_classes, view_pool)
         self.options = options
         self.spec: AugmentSpec = options.spec
         self.num_samples = len(self.dataset)

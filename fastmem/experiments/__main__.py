@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,12 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     gpus = torch.cuda.device_count() if any(r.config.device != "cpu" for r in runs) else 0
-    jobs = args.jobs or os.cpu_count() or 1
     sweep_dirs = [write_plan(e, args.scale, out, plans[e.id]) for e in experiments]
     started = time.perf_counter()
     print(f"experiments {', '.join(plans)} at scale {args.scale}: {len({r.run_dir for r in runs})} runs in {out / 'runs'}",
           flush=True)
-    rows = run_plan(runs, jobs=jobs, gpus=gpus)
+    rows = run_plan(runs, jobs=args.jobs, gpus=gpus)
     print(f"\n{summary_table(rows)}\n\ntook {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
         from fastmem.report import write_report

@@ -115,19 +115,18 @@ def _e(scale: str) -> list[Variant]:
 
 
 def _f(scale: str) -> list[Variant]:
-    base_b = SCALE_BASE[scale]["bottleneck_dim"]
-    base_n = SCALE_BASE[scale]["subset"] or 50000
-    base_w = SCALE_BASE[scale]["width"]
-    widths = _pick(scale, [0, 1024], [0, 512, 4096, 16384], [0, 512, 4096, 16384, 65536])
-    subsets = _pick(scale, [128, 256], [1000, 5000, 20000], [1000, 5000, 20000, 50000])
-    model_widths = _pick(scale, [0.25, 0.5], [0.25, 0.5, 1.0], [0.25, 0.5, 1.0])
+    base = SCALE_BASE[scale]
     aug = {**RANDOM, "augment": "full"}
-    variants = [Variant(f"B={b}", {**aug, "bottleneck_dim": b}, value=b, group="projector width B") for b in widths]
-    variants += [Variant(f"N={n}", {**aug, "subset": n}, value=n, group="training images N") for n in subsets if n != base_n]
-    variants += [Variant(f"width×{w:g}", {**aug, "width": w}, value=w, group="encoder width") for w in model_widths if w != base_w]
-    if base_b in widths:  # the base run belongs to every axis: show it on the subset and width panels too
-        variants += [Variant(f"N={base_n}", {**aug, "bottleneck_dim": base_b}, value=base_n, group="training images N"),
-                     Variant(f"width×{base_w:g}", {**aug, "bottleneck_dim": base_b}, value=base_w, group="encoder width")]
+    axes = [  # (panel, knob, values, label); each panel also shows the base run (the same run directory)
+        ("projector width B", "bottleneck_dim", _pick(scale, [0, 1024], [0, 512, 16384], [0, 512, 4096, 16384]), "B={}"),
+        ("training images N", "subset", _pick(scale, [128], [1000, 20000], [1000, 5000, 20000]), "N={}"),
+        ("encoder width", "width", _pick(scale, [0.5], [0.25, 1.0], [0.25, 0.5]), "width×{:g}"),
+    ]
+    variants = []
+    for group, knob, values, label in axes:
+        base_value = (base[knob] or 50000) if knob == "subset" else base[knob]  # subset 0 = all of CIFAR's 50k
+        variants.append(Variant(label.format(base_value), aug, value=base_value, group=group))
+        variants += [Variant(label.format(v), {**aug, knob: v}, value=v, group=group) for v in values]
     return variants
 
 

@@ -122,13 +122,18 @@ def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Ma
 
 def validate_plan(runs: Sequence[PlannedRun]) -> None:
     """Check every run's knobs and that its data is there, before any run starts."""
+    from fastmem.reinit import check_init_knobs
     from fastmem.run_data import select_run_data
     from fastmem.train import validate
 
     checked: set[tuple[Any, ...]] = set()
     for run in runs:
-        validate(run.config)
         cfg = run.config
+        if run.source_dir is not None and not run.finished:  # its source's checkpoint may not exist yet
+            validate(dataclasses.replace(cfg, init_from="", reinit=""))
+            check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim, checkpoint_must_exist=False)
+        else:
+            validate(cfg)
         key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.image_size)
         if key not in checked:
             select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
@@ -186,7 +191,8 @@ class _Job:
 
 
 def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int) -> list[dict[str, Any]]:
-    """Train every unfinished run (dependencies first); returns one summary row per distinct run."""
+    """Train every unfinished run (dependencies first), one per GPU when `gpus` > 0, else `jobs` side by side
+    on the CPU (0 = one per core); returns one summary row per distinct run."""
     unique: dict[Path, PlannedRun] = {}
     for run in runs:
         unique.setdefault(run.run_dir, run)
@@ -195,7 +201,7 @@ def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int) -> list[dict[str,
     total = len(pending)
     for row in rows.values():
         print(f"[skip] {row['run'].variant.label}: finished earlier ({_final_line(row['run'])})", flush=True)
-    slots = max(1, gpus if gpus > 1 else jobs)
+    slots = gpus if gpus else max(1, jobs or os.cpu_count() or 1)  # one run per GPU; else `jobs` CPU runs
     threads = 0 if gpus else max(1, (os.cpu_count() or 1) // slots)
     running: list[_Job] = []
     done_count = 0

@@ -12,6 +12,7 @@ import torch
 
 from fastmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fastmem.config import load_run_config
+from fastmem.distributed import distributed_session, rank_device, rank_info
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, VOTES
@@ -19,7 +20,7 @@ from fastmem.models import create_model
 from fastmem.run_data import select_run_data
 from fastmem.runtime import resolve_device, resolve_precision
 
-from . import EmbeddingCache, probe_knn
+from . import EXTRACT_BACKENDS, TRT_ENGINE_DIR, EmbeddingCache, probe_knn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--precision", default="auto", help="autocast for extraction: auto, bf16, fp16, fp32")
     parser.add_argument("--knn-backend", default="auto", choices=BACKENDS, help="k-NN kernels")
+    parser.add_argument("--extract-backend", default="eager", choices=EXTRACT_BACKENDS,
+                        help="embedding extraction: eager, or trt (a torch-tensorrt engine cached beside the checkpoint; "
+                             "eager without torch-tensorrt or a GPU)")
+    parser.add_argument("--extract-batch-size", type=int, default=1024, help="images per extraction batch")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default RUN_DIR/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     return parser
@@ -46,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with distributed_session():  # under torchrun: extraction and queries split across ranks, rank 0 writes
+        return probe_run(args)
+
+
+def probe_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
-    device = resolve_device(args.device)
+    device = rank_device(resolve_device(args.device))
     dtype = resolve_precision(args.precision, device)
+    if args.extract_batch_size < 1:
+        fail(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,
                                   probe_subset=cfg.probe_subset if args.probe_subset is None else args.probe_subset,
                                   image_size=cfg.image_size, seed=cfg.seed)
@@ -74,13 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     accuracy = probe_knn(model, train.images, train.labels, test.images, test.labels, device=device, dtype=dtype,
                          k=args.k, vote=args.vote, temperature=args.temperature, num_classes=train.num_classes,
-                         layers=layers, cache=cache, project_dim=args.project_dim, knn_backend=args.knn_backend)
+                         layers=layers, cache=cache, project_dim=args.project_dim, knn_backend=args.knn_backend,
+                         extract_batch_size=args.extract_batch_size, distributed=rank_info().world > 1,
+                         extract_backend=args.extract_backend,
+                         engine_dir=Path(args.checkpoint or run_dir / CHECKPOINT_NAME).parent / TRT_ENGINE_DIR)
     seconds = time.perf_counter() - started
     print(f"k-NN probe of {run_dir} at epoch {epoch}: k={args.k}, {args.vote} vote, {len(train)} references "
           f"(true labels), {len(test)} test queries, {seconds:.1f} s")
     print(f"{'probe point':<14} {'k-NN accuracy':>14}")
     for layer, value in accuracy.items():
         print(f"{layer:<14} {100 * value:>13.2f}%")
+    if not rank_info().is_main:
+        return 0
     stem = run_dir / f"probe-epoch{epoch}-k{args.k}-{args.vote}"
     result = {"run_dir": str(run_dir), "epoch": epoch, "k": args.k, "vote": args.vote, "references": len(train),
               "queries": len(test), "accuracy": accuracy, "seconds": seconds}

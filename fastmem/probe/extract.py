@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +52,12 @@ def extract_embeddings(
     channels_last: bool = True,
     project_dim: int = 0,
     project_seed: int = 0,
+    forward: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
 ) -> OrderedDict[str, Embedding]:
-    """Every requested probe point's embedding of uint8 NHWC `images`, in probe order."""
+    """Every requested probe point's embedding of uint8 NHWC `images`, in probe order.
+
+    `forward` replaces `model.forward_probes` (e.g. a TensorRT engine of it, see trt_extract.py).
+    """
     wanted = tuple(layers or model.probe_points)
     was_training = model.training
     model.eval()
@@ -65,7 +70,7 @@ def extract_embeddings(
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
             batch = batch.permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=memory_format)
             with autocast(device, dtype):
-                probes = model.forward_probes(batch)
+                probes = (forward or model.forward_probes)(batch)
             for name in wanted:
                 value = probes[name].float()
                 if 0 < project_dim < value.shape[1]:

@@ -1,0 +1,145 @@
+"""Experiments A–K: every smoke scale runs end to end with its report; the sweep survives a kill; bad specs fail early."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_module
+
+from fastmem.errors import FastmemError
+from fastmem.experiments import EXPERIMENTS, Experiment, Variant, plan_experiment
+from fastmem.metrics import read_metrics
+
+TIMING_KEYS = {"images_per_s", "seconds"}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def smoke_sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every experiment at the smoke scale, in one invocation (runs shared between experiments train once)."""
+    out = tmp_path_factory.mktemp("smoke")
+    result = run_module("fastmem.experiments", "run", "all", "--scale", "smoke", "--out", str(out), "--jobs", "2",
+                        timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_list_shows_every_experiment() -> None:
+    result = run_module("fastmem.experiments", "list")
+    assert result.returncode == 0, result.stderr
+    for experiment_id in "ABCDEFGHIJK":
+        assert f"\n{experiment_id} " in "\n" + result.stdout
+    assert "expected:" in result.stdout and "cpu: dataset=fashion-mnist" in result.stdout
+
+
+@pytest.mark.parametrize("experiment_id", list(EXPERIMENTS))
+def test_smoke_scale_runs_and_report_renders(smoke_sweeps: Path, experiment_id: str) -> None:
+    sweep_dir = smoke_sweeps / experiment_id
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    assert plan["experiment"] == experiment_id and plan["runs"]
+    for entry in plan["runs"]:
+        run_dir = sweep_dir / entry["run_dir"]
+        assert (run_dir / "summary.json").exists(), entry["label"]
+        probes = [r for r in read_metrics(run_dir / "metrics.jsonl") if "knn/z" in r]
+        assert probes[0]["epoch"] == 0 and probes[-1]["epoch"] == json.loads((run_dir / "config.json").read_text())["epochs"]
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert f"# Experiment {experiment_id}:" in report and "| *untrained (epoch 0)* |" in report
+    for entry in plan["runs"]:
+        assert entry["label"] in report
+    for png in ("final_per_layer.png", "knn_vs_epoch.png", "fit_vs_epoch.png", *(f"{p}.png" for p in plan["plots"])):
+        data = (sweep_dir / "report" / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5_000, png
+        assert f"]({png})" in report
+
+
+def test_shared_runs_train_once_and_j_starts_from_its_source(smoke_sweeps: Path) -> None:
+    a = json.loads((smoke_sweeps / "A" / "sweep.json").read_text())
+    k = json.loads((smoke_sweeps / "K" / "sweep.json").read_text())
+    clean = {e["label"]: e["run_dir"] for e in a["runs"]}["clean labels, full aug"]
+    assert clean in {e["run_dir"] for e in k["runs"]}
+    assert (smoke_sweeps / "A" / clean / "train.log").read_text().count("run ") == 1  # trained once
+    j = json.loads((smoke_sweeps / "J" / "sweep.json").read_text())
+    source = next(e for e in j["runs"] if e["role"] == "source")
+    for entry in j["runs"]:
+        if entry["init_from"]:
+            config = json.loads((smoke_sweeps / "J" / entry["run_dir"] / "config.json").read_text())
+            assert Path(config["init_from"]).resolve() == (smoke_sweeps / "J" / source["run_dir"] / "checkpoint.pt").resolve()
+            assert config["reinit"] and config["label_seed"] == 1
+
+
+def _sweep_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "fastmem.experiments", "run", "A", "--scale", "smoke", "--out", str(out),
+            "--jobs", "1", "--set", "epochs=6", "--no-report"]
+
+
+def test_killed_sweep_resumes_to_the_same_metrics_without_retraining(tmp_path: Path) -> None:
+    env = {**os.environ, "FASTMEM_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    reference = subprocess.run(_sweep_command(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "cut"
+    process = subprocess.Popen(_sweep_command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = out / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once the first run is finished and the second is under way
+        finished = list(runs.glob("*/summary.json")) if runs.exists() else []
+        started = [d for d in runs.iterdir() if len(read_metrics(d / "metrics.jsonl")) >= 3] if runs.exists() else []
+        if len(finished) == 1 and len(started) == 2:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the sweep never reached its second run")
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and its trainer, mid-run, as a power cut would
+    process.wait()
+    killed_dir = next(d for d in runs.iterdir() if not (d / "summary.json").exists())
+    assert not (out / "A" / "report").exists()
+    again = subprocess.run(_sweep_command(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "[skip]" in again.stdout and "(resumed)" in again.stdout
+    for run_dir in sorted((tmp_path / "whole" / "runs").iterdir()):
+        assert _metrics(run_dir) == _metrics(runs / run_dir.name), run_dir.name
+    for run_dir in runs.iterdir():  # finished runs were not trained again; the cut one was resumed once
+        starts = (run_dir / "train.log").read_text().count("run ")
+        assert starts == (2 if run_dir == killed_dir else 1), run_dir.name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "Z", "--scale", "smoke"], "unknown experiment 'Z'"),
+    (["run", "A", "--scale", "smoke", "--set", "colour=red"], "--set 'colour=red': expected KNOB=VALUE"),
+    (["run", "A", "--scale", "smoke", "--set", "epochs=many"], "epochs expects int"),
+])
+def test_bad_requests_fail_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_module("fastmem.experiments", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_paper_scale_without_cifar_fails_before_any_run(tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    result = run_module("fastmem.experiments", "run", "C", "--scale", "paper", "--set", "device=cpu",
+                        "--data-dir", str(empty), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "cifar10" in result.stderr and "not found" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_spec_with_an_unknown_knob_is_rejected_when_planned(tmp_path: Path) -> None:
+    bad = Experiment("X", "bad", "nothing", "nothing", lambda scale: [Variant("v", {"augmnt": "full"})])
+    with pytest.raises(FastmemError, match="unknown knob"):
+        plan_experiment(bad, "smoke", tmp_path, {})
+
+
+def test_report_of_a_folder_without_a_sweep_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_module("fastmem.report", str(tmp_path))
+    assert result.returncode == 2 and "not a sweep folder" in result.stderr
