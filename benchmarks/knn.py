@@ -21,14 +21,18 @@ core (with one busy-loop process beside it: ours 23.5 s -> 2.2 s, faiss 3.8 -> 2
     python benchmarks/knn.py --scale-references 0 --repeats 2
 
 Measured (Intel Xeon with avx512_vnni/avx512_bf16/avx512_fp16, no AMX exposed; 2 cores, 2 threads;
-torch 2.14.1, faiss 1.15.1; load average 1.4-1.8 i.e. nothing else running; one round):
-GEMM rates on a 256x12544x512 tile: fp32 266 GFLOP/s, bf16 172 (slower than fp32 here), int8 1243 GOP/s.
-    10k x 50k:  ours 1.30 s | plain fp32 path 2.48 | faiss 2.06 (1.59x) | torch 2.99 (2.30x) | sklearn 8.17 (6.3x)
-    10k x 200k: ours 4.55 s | plain fp32 path 10.2 | faiss 8.54 (1.88x) | torch 26.0 (5.7x)
-Indices: 0 differences beyond fp32 near-ties against faiss and torch. Claim: >= 4x scikit-learn
-holds; >= 2x faiss does not (1.6x; 1.9x at 200k). The int8 GEMM is ~40% of our time; the rest is
-the level maxima, the candidate scan and ~195 fp32 re-ranks per query (Gaussian rows). On a busy
-machine figures swing by 2x between runs; compare ratios from one run.
+torch 2.14.1, faiss 1.15.1). Re-measured GEMM rates (2k x 50k x 512, quiet moment): fp32 ~246, bf16
+~150 (still slower than fp32 here: no AMX), fp16 ~260, int8 (torch._int_mm / oneDNN) ~550-1200 G(FL)OP/s
+depending on the tile; one-thread 512x1024 tiles per core ~1100 together. Busy machine (other
+sessions' test suites: load average 4.8-5.9 throughout, i.e. we got ~2/3 of the 2 cores), 2 rounds:
+    10k x 50k:  ours 2.19 s | plain fp32 path 4.04 | faiss 3.93 (1.80x) | torch 5.18 (2.37x) | sklearn 15.4 (7.0x)
+    10k x 200k: ours 6.26 s | plain fp32 path 15.3 | faiss 16.0 (2.56x) | torch 33.0 (5.3x)
+Ours and faiss alone, interleaved, 5 rounds at load ~4.9: 1.84-1.95x (best-of-5 1.88x); with the
+earlier int8 design interleaved too (3 rounds, load ~4.4): ours 1.97x, earlier 1.81x faiss.
+Indices: 0 differences beyond fp32 near-ties.
+Claim: >= 4x scikit-learn holds; >= 2x faiss holds at 200k, not quite at 50k (1.8-1.95x on a busy
+machine; a quiet-machine rerun is pending). CPU time per 10k x 50k call: int8 GEMM ~0.87 s, tile
+scan ~0.75 s, fp32 re-rank ~0.28 s (~60 pairs/query), encoding ~0.07 s; faiss ~3.9 s.
 """
 
 from __future__ import annotations
@@ -60,14 +64,17 @@ Search = Callable[[torch.Tensor, torch.Tensor, int], np.ndarray]
 
 
 def peak_rates() -> dict[str, float]:
-    """Measured GEMM rates (G(FL)OP/s), fp32 and bf16 torch.mm and int8 oneDNN, on a 256x12544x512
-    tile (outputs under 32 MB: larger ones pay mmap page faults on every call)."""
+    """Measured GEMM rates (G(FL)OP/s), fp32 and bf16 torch.mm and int8 (torch._int_mm, oneDNN's
+    qlinear), on a 256x12544x512 tile (outputs under 32 MB: larger ones pay mmap page faults on every call)."""
     m, n, d = 256, 12544, 512
     a, b = torch.randn(m, d), torch.randn(n, d)
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         x, y = a.to(dtype), b.to(dtype)
         rates[name] = 2 * m * n * d / _best(lambda x=x, y=y: torch.mm(x, y.T), 10) / 1e9
+    if hasattr(torch, "_int_mm"):  # what ours runs: one-thread tiles of 512x1024x512 on each core
+        qa, qb = torch.randint(-127, 128, (m, d), dtype=torch.int8), torch.randint(-127, 128, (d, n), dtype=torch.int8)
+        rates["int8 _int_mm"] = 2 * m * n * d / _best(lambda: torch._int_mm(qa, qb), 10) / 1e9
     if hasattr(torch.ops.onednn, "qlinear_pointwise"):
         packed = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, d), dtype=torch.int8), None)
         scale, zeros, u8 = torch.ones(n), torch.zeros(n, dtype=torch.int64), torch.randint(0, 256, (m, d), dtype=torch.uint8)

@@ -100,7 +100,7 @@ def test_fashion_mnist_pixel_accuracy_matches_sklearn_to_the_last_sample() -> No
     assert np.array_equal(predicted, theirs)
     # Swaps only among neighbours tied to fp32 rounding (784 terms: ~1e-6 apart at most).
     _assert_neighbours(idx, reference, queries, expected, tol=2e-6)
-    assert stats.fallback_queries == 0
+    assert stats.fallback_queries <= 0.005 * len(queries)  # a few queries with > 2048 candidates go to fp32
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -154,7 +154,8 @@ def test_tight_clusters_fall_back_to_fp32_and_stay_exact(precision: str) -> None
     # Near-duplicates within the screen's error bound: the candidate set explodes past the limit.
     reference, _, queries, _ = _clusters(5, 6000, 200, 32, 1e-4)  # ~1200 per cluster, limit 1024
     stats = KnnCpuStats()
-    sims, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 20, precision=precision, stats=stats)
+    sims, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 20, precision=precision,
+                             candidate_limit=1024, stats=stats)
     assert stats.fallback_queries == 200
     expected_sims, expected = _brute_force(reference, queries, 20)
     _assert_neighbours(idx, reference, queries, expected, tol=1e-6)
@@ -178,12 +179,19 @@ def test_screens_agree_with_the_fp32_path_on_half_precision_inputs(precision: st
     torch.testing.assert_close(sims, exact_sims, atol=1e-6, rtol=0)
 
 
-def test_several_passes_over_a_large_reference_set_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knn_cpu, "PASS_BYTES", 1)  # every chunk is its own pass: tau grows between them
-    reference, _, queries, _ = _clusters(8, 6000, 100, 32, 1.5)
-    _, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 15, reference_chunk=640)
-    _, expected = _brute_force(reference, queries, 15)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_many_small_chunks_stay_exact_as_tau_grows(precision: str) -> None:
+    # Chunks of 16 columns (one group; the last one partial): tau starts below k and grows tile by
+    # tile, candidate buffers (limit 24) are compacted many times; queries sorted against a trend.
+    reference, _, queries, _ = _clusters(8, 6001, 100, 32, 1.5)
+    reference = reference * np.linspace(1, 3, 6001, dtype=np.float32)[:, None]
+    stats = KnnCpuStats()
+    sims, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 15, precision=precision,
+                             reference_chunk=16, query_block=32, candidate_limit=400, stats=stats)
+    expected_sims, expected = _brute_force(reference, queries, 15)
     _assert_neighbours(idx, reference, queries, expected, tol=1e-6)
+    np.testing.assert_allclose(sims.numpy(), expected_sims, atol=1e-6)
+    assert stats.fallback_queries == 0
 
 
 def test_fp32_matmul_precision_is_forced_and_restored() -> None:
@@ -207,3 +215,43 @@ def test_bad_arguments_are_user_errors(k: int, ref_shape: tuple[int, ...], query
                                        precision: str) -> None:
     with pytest.raises(FastmemError):
         knn_topk_cpu(torch.ones(ref_shape), torch.ones(query_shape), k, precision=precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_worker_threads_give_the_same_answer_as_one_thread(precision: str) -> None:
+    reference, _, queries, _ = _clusters(10, 3000, 333, 40, 1.5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 12, precision=precision, query_block=48)
+        torch.set_num_threads(2)
+        stats = KnnCpuStats()
+        two = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 12, precision=precision,
+                           query_block=48, candidate_limit=40, stats=stats)  # some rows fall back, from workers
+        assert torch.get_num_threads() == 2  # restored after the workers' one-thread GEMMs
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one[1], two[1]) and torch.equal(one[0], two[0])
+    _, expected = _brute_force(reference, queries, 12)
+    _assert_neighbours(one[1], reference, queries, expected, tol=1e-6)
+
+
+def test_cpus_without_int8_fall_back_to_bf16_or_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn_cpu, "_int8_available", lambda: False)
+    monkeypatch.setattr(knn_cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(FastmemError):
+        resolve_precision("int8")
+    monkeypatch.setattr(knn_cpu, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert resolve_precision("auto") == "bf16"
+    reference, _, queries, _ = _clusters(11, 1500, 60, 24, 1.5)
+    stats = KnnCpuStats()
+    _, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 10, stats=stats)
+    assert stats.precision == "bf16"
+    _, expected = _brute_force(reference, queries, 10)
+    _assert_neighbours(idx, reference, queries, expected, tol=1e-6)
+
+
+def test_int8_gemm_self_check_passes_where_int8_is_offered() -> None:
+    if knn_cpu._int8_available():  # exact int32 sums, checked once per process
+        assert knn_cpu._int_mm_exact()
