@@ -30,9 +30,12 @@ sessions' test suites: load average 4.8-5.9 throughout, i.e. we got ~2/3 of the 
 Ours and faiss alone, interleaved, 5 rounds at load ~4.9: 1.84-1.95x (best-of-5 1.88x); with the
 earlier int8 design interleaved too (3 rounds, load ~4.4): ours 1.97x, earlier 1.81x faiss.
 Indices: 0 differences beyond fp32 near-ties.
-Claim: >= 4x scikit-learn holds; >= 2x faiss holds at 200k, not quite at 50k (1.8-1.95x on a busy
-machine; a quiet-machine rerun is pending). CPU time per 10k x 50k call: int8 GEMM ~0.87 s, tile
-scan ~0.75 s, fp32 re-rank ~0.28 s (~60 pairs/query), encoding ~0.07 s; faiss ~3.9 s.
+Claim: >= 4x scikit-learn holds; >= 2x faiss held at 200k, not quite at 50k (1.8-1.95x, busy).
+Since then the tile scan lists the groups that can pass branch-free (a branch per group
+mispredicted) in one fused vector pass, and the re-rank reads four candidate rows at once:
+interleaved, 4 rounds at load ~3.7 (two one-thread trainings beside it), best-of: 2.20x faiss,
+the previous scan 1.90x. CPU time per 10k x 50k call (one thread, load ~3.5): int8 GEMM ~0.88 s,
+tile scan ~0.55 s (~0.16 s of it the vector pass), fp32 re-rank ~0.29 s, encoding ~0.07 s.
 """
 
 from __future__ import annotations

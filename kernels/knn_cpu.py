@@ -267,7 +267,7 @@ def _block(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int, bufs: _Buf
     cols, values = bufs.get("cols", (n, capacity), torch.int32), bufs.get("values", (n, capacity), torch.float32)
     heap_n, counts = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
     widest = max(e - s for s, e in zip(refs.starts, refs.starts[1:], strict=False))
-    maxima = np.empty(widest // GROUP + widest // (GROUP * screen.SUPER) + 2, dtype=np.float32)
+    maxima = np.empty(widest // GROUP, dtype=np.float32)
     qscale, bound = np.float32(q.scale[rows.start]), q.bound[rows].numpy()
     col_scale, slack = refs.col_scale.numpy(), refs.slack.numpy()
     group_scale, group_offset, group_bmax = refs.group_scale.numpy(), refs.group_offset.numpy(), refs.group_bmax.numpy()

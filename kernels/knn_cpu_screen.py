@@ -3,8 +3,9 @@
 - `encode_int8`: unit rows to int8 codes with one scale per row (or a given one), and ||r^ - r||.
 - `scan_tile`: one GEMM tile of screen scores, per row: a running top-k heap of scores (its root is
   tau) and every column whose score z passes z + 2 b >= tau - 2 a_q appended to the row's buffer.
-  Groups of 4 columns are opened only when a bound on their z + 2 b (a vector loop) can pass;
-  int8 screens share one scale per group, so the bound is a maximum of raw int32 scores.
+  Groups of 4 columns are opened only when a bound on their z + 2 b (a vector loop) can pass,
+  listed branch-free first; int8 screens share one scale per group, so the bound is a maximum of
+  raw int32 scores.
 - `finish_rows`: per row, the exact fp32 top-k among the buffered candidates (tie rule: larger
   similarity, then smaller index), re-ranking as few as the bound allows.
 
@@ -21,7 +22,7 @@ import numba
 import numpy as np
 
 GROUP = 4  # columns per group (strided: column g + m * groups), one maximum each
-SUPER = 16  # groups per run: a run is skipped on one test
+SUPER = 16  # groups per run: one witness each for the first tile's floor of tau
 PAD = 16  # chunk widths and int8 code widths are multiples of this
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
 OVERFLOW = -1  # a row's count when its candidates passed the limit: the row is redone in fp32
@@ -72,35 +73,24 @@ def encode_int8(x, inv, given_scale, codes, scale, err):  # pragma: no cover - n
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz", "reassoc", "contract", "arcp"})
-def _group_maxima(row, groups, qscale, col_scale, col_slack, group_scale, group_offset, top, out, supers):  # pragma: no cover
+def _group_maxima(row, groups, qscale, col_scale, col_slack, group_scale, group_offset, out):  # pragma: no cover
     """out[g] >= max (z + 2 b) over group g = columns g + m * groups, m < GROUP, up to 2^-21 (fp32):
     with a scale shared by the group (group_scale[g] > 0, screens), the maximum of the raw scores
     times it plus group_offset[g] = max 2 b - min b; else (fp32 path) the maximum of the scaled
-    scores. Elementwise maxima of GROUP slabs: plain vector loops. supers[s]: the maximum of out
-    over groups [SUPER s, SUPER (s + 1))."""
+    scores. One branch-free vector loop over the GROUP slabs (slices, not row[m * groups + g]:
+    numba's negative-index check on a sum blocks vectorizing)."""
+    r0, r1, r2, r3 = row[:groups], row[groups : 2 * groups], row[2 * groups : 3 * groups], row[3 * groups : 4 * groups]
     if group_scale[0] > 0:
-        top[:] = row[:groups]  # raw maxima in the scores' own type (int32: exact)
-        for m in range(1, GROUP):
-            # Slices, not row[m * groups + g]: numba's negative-index check on a sum blocks vectorizing.
-            r = row[m * groups : (m + 1) * groups]
-            for g in range(groups):
-                top[g] = max(r[g], top[g])
-        for g in range(groups):
-            out[g] = np.float32(top[g]) * (qscale * group_scale[g]) + group_offset[g]
+        for g in range(groups):  # raw maxima in the scores' own type (int32: exact)
+            top = max(max(r0[g], r1[g]), max(r2[g], r3[g]))
+            out[g] = np.float32(top) * (qscale * group_scale[g]) + group_offset[g]
     else:
         for g in range(groups):
-            out[g] = np.float32(row[g]) * (qscale * col_scale[g]) - col_slack[g]
-        for m in range(1, GROUP):
-            r, c, s = row[m * groups : (m + 1) * groups], col_scale[m * groups : (m + 1) * groups], col_slack[m * groups : (m + 1) * groups]
-            for g in range(groups):
-                out[g] = max(np.float32(r[g]) * (qscale * c[g]) - s[g], out[g])
-        for g in range(groups):
-            out[g] += group_offset[g]
-    for sup in range(supers.shape[0]):
-        best = out[sup * SUPER]
-        for g in range(sup * SUPER + 1, min(sup * SUPER + SUPER, groups)):
-            best = max(best, out[g])
-        supers[sup] = best
+            best = np.float32(r0[g]) * (qscale * col_scale[g]) - col_slack[g]
+            for m in range(1, GROUP):
+                c = m * groups + g
+                best = max(best, np.float32(row[c]) * (qscale * col_scale[c]) - col_slack[c])
+            out[g] = best + group_offset[g]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -188,10 +178,10 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, group_scale, group_offset
     grows) to the row's buffer (twice `limit` wide: when full it is compacted; a screen row with
     more than `limit` pairs left then, or after the `last` tile, is marked OVERFLOW).
 
-    The tile's width is a multiple of GROUP; group g holds columns g + m * width / GROUP; a group,
-    and a run of SUPER groups, is opened only when its bound on z + 2 b can pass. scale, slack,
-    group_scale, group_offset: the tile's columns/groups (contiguous copies: numba types a slice
-    as non-contiguous); maxima: scratch of at least groups + groups / SUPER + 1 floats.
+    The tile's width is a multiple of GROUP; group g holds columns g + m * width / GROUP; a group
+    is opened only when its bound on z + 2 b can pass. scale, slack, group_scale, group_offset:
+    the tile's columns/groups (contiguous copies: numba types a slice as non-contiguous); maxima:
+    scratch of at least groups floats.
 
     A row whose heap is not yet full (its first tile) first gets a floor for tau: each group's
     bound minus its offset and max b is <= the z of the group's best column, so the k-th largest
@@ -200,14 +190,14 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, group_scale, group_offset
     k, capacity = heap.shape[1], cols.shape[1]
     groups = acc.shape[1] // GROUP
     nsupers = -(-groups // SUPER)
-    group_max, supers = maxima[:groups], maxima[groups : groups + nsupers]
-    witness, top = np.empty(groups, dtype=np.float64), np.empty(groups, dtype=acc.dtype)
+    group_max = maxima[:groups]
+    witness, chosen = np.empty(groups, dtype=np.float64), np.empty(groups, dtype=np.int32)
     for i in range(acc.shape[0]):
         n = counts[i]
         if n == OVERFLOW:
             continue
         row = acc[i]
-        _group_maxima(row, groups, qscale, scale, slack, group_scale, group_offset, top, group_max, supers)
+        _group_maxima(row, groups, qscale, scale, slack, group_scale, group_offset, group_max)
         if heap_n[i] < k <= groups and ncols == acc.shape[1]:
             for g in range(groups):
                 witness[g] = np.float64(group_max[g]) - np.float64(group_offset[g]) - np.float64(group_bmax[g]) - ROUNDING
@@ -218,12 +208,15 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, group_scale, group_offset
             else:
                 floors[i] = max(floors[i], np.partition(witness, groups - k)[groups - k])
         t = _threshold(heap, heap_n, i, bound, exact, floors)
-        for sup in range(nsupers):
-            if supers[sup] + ROUNDING < t:
-                continue
-            for g in range(sup * SUPER, min(sup * SUPER + SUPER, groups)):
-                if group_max[g] + ROUNDING < t:
-                    continue
+        # The groups that can pass, listed branch-free (a branch per group mispredicted often);
+        # tau only grows, so the list is a superset of those still passing when opened.
+        bar, opened = t - ROUNDING, 0
+        for g in range(groups):
+            chosen[opened] = g
+            opened += np.float64(group_max[g]) >= bar
+        for j in range(opened):
+            g = chosen[j]
+            if np.float64(group_max[g]) + ROUNDING >= t:
                 for c in range(g, min(ncols, acc.shape[1]), groups):
                     z = _score(row, c, qscale, scale, slack)
                     if heap_n[i] < k:
@@ -244,21 +237,27 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, group_scale, group_offset
                             break
                 if n == OVERFLOW:
                     break
-            if n == OVERFLOW:
-                break
         if last and n != OVERFLOW and not exact and n > limit:
             n = _compact(i, t, heap[i, 0], exact, col_slack, cols, values, n, k, limit)
         counts[i] = n
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _similarity(q, i, x, col, inv_norm):  # pragma: no cover - numba
-    """fl(fl(q_i . x_col) / ||x_col||) (any summation order meets the gamma_d bound). Called from
-    one place only, so every pair is summed in the same order and duplicate references tie exactly."""
-    acc = np.float32(0.0)
+def _similarities(q, i, x, c, inv_norm, out):  # pragma: no cover - numba
+    """out[m] = fl(fl(q_i . x_c[m]) / ||x_c[m]||), m < 4 (any summation order meets the gamma_d
+    bound; four rows at once keep four streams of memory reads in flight). Called from one place
+    only, always on four rows, so every pair is summed in the same order and duplicates tie exactly."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    x0, x1, x2, x3, qi = x[c[0]], x[c[1]], x[c[2]], x[c[3]], q[i]
     for u in range(q.shape[1]):
-        acc += q[i, u] * x[col, u]
-    return acc * inv_norm[col] + np.float32(0.0)  # +0.0 turns -0.0 into +0.0
+        a0 += qi[u] * x0[u]
+        a1 += qi[u] * x1[u]
+        a2 += qi[u] * x2[u]
+        a3 += qi[u] * x3[u]
+    out[0] = a0 * inv_norm[c[0]] + np.float32(0.0)  # +0.0 turns -0.0 into +0.0
+    out[1] = a1 * inv_norm[c[1]] + np.float32(0.0)
+    out[2] = a2 * inv_norm[c[2]] + np.float32(0.0)
+    out[3] = a3 * inv_norm[c[3]] + np.float32(0.0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -272,6 +271,7 @@ def finish_rows(q, x, inv_norm, col_slack, bound, exact, heap, cols, values, cou
     k, capacity = sims.shape[1], cols.shape[1]
     exact_values, done = np.empty(capacity, dtype=np.float32), np.empty(capacity, dtype=np.bool_)
     todo, keys = np.empty(capacity, dtype=np.int64), np.empty(capacity, dtype=np.int64)
+    four, sims4 = np.empty(4, dtype=np.int64), np.empty(4, dtype=np.float32)
     for i in range(cols.shape[0]):
         n = counts[i]
         if n == OVERFLOW:
@@ -293,10 +293,14 @@ def finish_rows(q, x, inv_norm, col_slack, bound, exact, heap, cols, values, cou
                     count += 1
             tau_e = math.inf
             for rank_pass in range(2):
-                for j in todo[:count]:
-                    exact_values[j] = _similarity(q, i, x, cols[i, j], inv_norm)
-                    done[j] = True
-                    tau_e = min(tau_e, np.float64(exact_values[j])) if rank_pass == 0 else tau_e
+                for s in range(0, count, 4):  # four at a time, the last four padded with repeats
+                    for w in range(4):
+                        four[w] = cols[i, todo[min(s + w, count - 1)]]
+                    _similarities(q, i, x, four, inv_norm, sims4)
+                    for w in range(min(4, count - s)):
+                        j = todo[s + w]
+                        exact_values[j], done[j] = sims4[w], True
+                        tau_e = min(tau_e, np.float64(sims4[w])) if rank_pass == 0 else tau_e
                 t2, count = tau_e - bound[i] - ROUNDING, 0
                 for j in range(m):
                     if rank_pass == 0 and not done[j] and np.float64(values[i, j]) + 2.0 * np.float64(col_slack[cols[i, j]]) >= t2:

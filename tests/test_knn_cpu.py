@@ -132,6 +132,20 @@ def test_duplicates_and_exact_ties_go_to_the_smaller_index(precision: str) -> No
     assert (idx[:, 1:][same] > idx[:, :-1][same]).all() and same.sum() > 100
 
 
+def test_re_rank_gives_a_row_the_same_bits_in_every_slot_of_four() -> None:
+    # The fp32 re-rank scores four rows at once: a duplicate's value must not depend on its slot.
+    from fastmem.kernels.knn_cpu_screen import _similarities
+
+    rng = np.random.default_rng(5)
+    x, q = rng.normal(size=(6, 515)).astype(np.float32), rng.normal(size=(2, 515)).astype(np.float32)
+    inv, out, seen = (1 / np.linalg.norm(x, axis=1)).astype(np.float32), np.empty(4, np.float32), {}
+    for _ in range(200):
+        four = rng.integers(0, 6, size=4)
+        _similarities(q, 1, x, four, inv, out)
+        for c, v in zip(four.tolist(), out.tolist(), strict=True):
+            assert seen.setdefault(c, v) == v
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_zero_vectors_have_similarity_zero_not_nan(precision: str) -> None:
     rng = np.random.default_rng(4)
