@@ -37,6 +37,16 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_weights(run_a: Path, run_b: Path, epoch: int) -> None:
+    """Both runs' checkpoints are at `epoch` and hold bit-identical model tensors."""
+    from fastmem.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(run_a / "checkpoint.pt"), load_checkpoint(run_b / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == epoch
+    for name, tensor in a["model"].items():
+        assert tensor.equal(b["model"][name]), name
+
+
 # A tiny run: synthetic 16 px images, the small CNN at quarter width, a few hundred samples.
 QUICK_RUN = ["--dataset", "synthetic", "--image-size", "16", "--subset", "256", "--probe-subset", "200",
              "--model", "small_cnn", "--width", "0.25", "--bottleneck-dim", "256", "--batch-size", "64",

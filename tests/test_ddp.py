@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import QUICK_RUN, REPO, run_module
+from conftest import QUICK_RUN, REPO, assert_same_weights, run_module
 
-from fastmem.checkpoint import load_checkpoint
 from fastmem.errors import FastmemError
 from fastmem.metrics import read_metrics
 
@@ -185,10 +184,7 @@ def test_resume_of_a_two_rank_torchrun_run_reaches_the_uninterrupted_result(
     assert first.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
     resumed = _torchrun("fastmem.train", "--resume", str(part), "--epochs", "2", "--progress", "false")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 2
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert_same_weights(whole, part, 2)
     final = [read_metrics(d / "metrics.jsonl")[-1] for d in (whole, part)]
     assert final[0] == {**final[1], "images_per_s": final[0]["images_per_s"], "seconds": final[0]["seconds"]}
     # The checkpoint holds no trace of the world size: one process can continue it.

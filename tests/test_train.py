@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_RUN, run_module
+from conftest import QUICK_RUN, assert_same_weights, run_module
 
 from fastmem.checkpoint import load_checkpoint
 from fastmem.metrics import read_metrics
@@ -42,10 +42,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     assert _train(*common, "--epochs", "2", "--out", str(part)).returncode == 0
     resumed = run_module("fastmem.train", "--resume", str(part), "--epochs", "4", "--progress", "false")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 4
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert_same_weights(whole, part, 4)
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses(whole) == losses(part)
 
