@@ -79,6 +79,8 @@ def distributed_session() -> Iterator[RankInfo]:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed below
     try:
         yield info
+        if created:  # leave together: a rank tearing down while a peer still writes can abort gloo's threads
+            dist.barrier()
     finally:
         if sys.stdout is not saved_stdout:
             sys.stdout.close()
