@@ -126,6 +126,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def knob_type(name: str) -> Any:
+    """The parser of a TrainConfig field's command-line text (int, float, true/false or str)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    return {"int": int, "float": float, "bool": _bool}.get(kinds[name], str)
+
+
 def build_parser(prog: str = "python -m fastmem.train") -> argparse.ArgumentParser:
     """An argparse parser with one --flag per TrainConfig field, plus --resume."""
     parser = argparse.ArgumentParser(
@@ -134,7 +140,7 @@ def build_parser(prog: str = "python -m fastmem.train") -> argparse.ArgumentPars
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        kind = knob_type(f.name)
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         metavar = "BOOL" if kind is _bool else None
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar, **extra)

@@ -11,6 +11,7 @@ Runs go one per GPU on a multi-GPU machine, or `--jobs` side by side on a CPU.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmem.config import TrainConfig
+from fastmem.config import TrainConfig, knob_type
 from fastmem.errors import fail
 from fastmem.experiments.specs import EXPERIMENTS, SCALE_BASE, SCALES, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
@@ -59,23 +60,17 @@ def get_experiment(experiment_id: str) -> Experiment:
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`KNOB=VALUE` strings → typed trainer knobs (types from TrainConfig); unknown knobs are errors."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or name not in KNOB_NAMES:
             fail(f"--set {pair!r}: expected KNOB=VALUE with a trainer knob (see python -m fastmem.train --help)")
-        kind = types[name]
+        kind = knob_type(name)
         try:
-            if kind == "bool":
-                values[name] = text.lower() in ("1", "true", "yes", "on")
-            elif kind in ("int", "float"):
-                values[name] = {"int": int, "float": float}[kind](text)
-            else:
-                values[name] = text
-        except ValueError:
-            fail(f"--set {pair!r}: {name} expects {kind}")
+            values[name] = kind(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            fail(f"--set {pair!r}: {name} expects {getattr(kind, '__name__', 'a value').lstrip('_')}")
     return values
 
 
