@@ -149,8 +149,12 @@ def _encode(x: torch.Tensor, inv: torch.Tensor, precision: str, scale: torch.Ten
             unit = x[s:e] * inv[s:e, None]
             codes[s:e] = unit.to(torch.bfloat16)
             err[s:e] = torch.linalg.vector_norm(unit - codes[s:e].float(), dim=1).double()
-    # Margins for the fp32/float64 arithmetic of the measurement itself.
-    return codes, scales, err * (1 + (d + 4) * 2.0**-23) + 2.0**-22
+    return codes, scales, _with_margin(err, d)
+
+
+def _with_margin(err: torch.Tensor, d: int) -> torch.Tensor:
+    """Measured ||r^ - r|| raised by the fp32/float64 arithmetic of the measurement itself."""
+    return err * (1 + (d + 4) * 2.0**-23) + 2.0**-22
 
 
 @dataclass
@@ -192,25 +196,21 @@ def _encode_refs(x: torch.Tensor, precision: str, width: int) -> _Refs:
         padded_x = torch.cat([x[starts[-2] :], x.new_zeros(padded - count, d)])
         chunks = [x[s:e] for s, e in zip(starts[:-2], starts[1:-1], strict=True)] + [padded_x]
         return _Refs(precision, starts, count, x, chunks, inv, torch.zeros(padded), groups, groups, groups, inv, 1.0, 0.0)
-    shared = None
     if precision == "int8":
-        peaks = torch.zeros(padded)
-        screen.row_peaks(x.numpy(), inv.numpy(), peaks.numpy()[:count])
-        group_peak = _per_group(peaks, starts, "amax")
-        groups = torch.where(group_peak > 0, group_peak / 127, torch.ones_like(group_peak))
-        shared = torch.cat([groups[s // GROUP : e // GROUP].repeat(GROUP) for s, e in zip(starts, starts[1:], strict=False)])
-        shared = shared[:count].contiguous()
+        codes = torch.zeros(padded, -(-d // PAD) * PAD, dtype=torch.int8)
+        scales, err = torch.ones(padded), torch.zeros(padded, dtype=torch.float64)
+        screen.encode_int8_groups(x.numpy(), inv.numpy(), width, codes.numpy(), scales.numpy(), groups.numpy(),
+                                  err.numpy())
+        err = _with_margin(err, d)
     else:
         groups = torch.ones(padded // GROUP)
-    codes, scales, err = _encode(x, inv[:count], precision, shared, pad=padded - count)
+        codes, scales, err = _encode(x, inv[:count], precision, pad=padded - count)
     n_bound = max(float(err.max()) + _norm_bound(d), 1.0) * _norm_bound(d)
     slack = (_norm_bound(d) * (err + 2.0**-24 * n_bound) * (1 + ROUNDING)).float()
     most, least = _per_group(slack.double(), starts, "amax"), _per_group(slack.double(), starts, "amin")
     offset, bmax = ((2 * most - least) * (1 + ROUNDING)).float(), (most * (1 + ROUNDING)).float()
-    if precision == "int8":
-        chunks = [codes[s:e].T.contiguous() for s, e in zip(starts, starts[1:], strict=False)]
-    else:
-        chunks = [codes[s:e] for s, e in zip(starts, starts[1:], strict=False)]
+    # int8: (d16, width) views, which torch._int_mm takes as they are (a copy measured slower).
+    chunks = [codes[s:e].T if precision == "int8" else codes[s:e] for s, e in zip(starts, starts[1:], strict=False)]
     return _Refs(precision, starts, count, x, chunks, scales, slack, groups, offset, bmax, inv, n_bound,
                  float(slack.max()))
 

@@ -1,6 +1,7 @@
 """Numba kernels of the exact CPU k-NN (kernels/knn_cpu.py, which holds the error bound).
 
-- `encode_int8`: unit rows to int8 codes with one scale per row (or a given one), and ||r^ - r||.
+- `encode_int8`: unit rows to int8 codes with one scale per row (or a given one), and ||r^ - r||;
+  `encode_int8_groups` the same for references, one scale per group of GROUP rows.
 - `scan_tile`: one GEMM tile of screen scores, per row: a running top-k heap of scores (its root is
   tau) and every column whose score z passes z + 2 b >= tau - 2 a_q appended to the row's buffer.
   Groups of 4 columns are opened only when a bound on their z + 2 b (a vector loop) can pass,
@@ -30,11 +31,12 @@ OVERFLOW = -1  # a row's count when its candidates passed the limit: the row is 
 
 @numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz", "reassoc"})
 def _peak(x, i, scale):  # pragma: no cover - numba
-    """max |fl32(x_i * scale)| (a maximum: exact in any order)."""
-    peak = np.float32(0.0)
+    """max |fl32(x_i * scale)| = fl32(max |x_i| * scale) for scale >= 0 (rounding is monotone and
+    symmetric), so the loop is a plain maximum that vectorizes."""
+    top = np.float32(0.0)
     for u in range(x.shape[1]):
-        peak = max(peak, abs(np.float32(x[i, u] * scale)))
-    return peak
+        top = max(top, abs(x[i, u]))
+    return np.float32(top * scale)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -47,29 +49,48 @@ def _error_norm(x, i, scale, codes, s):  # pragma: no cover - numba
     return math.sqrt(total)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def row_peaks(x, inv, out):  # pragma: no cover - numba
-    """out[i] = max |fl32(x_i * inv_i)|."""
-    for i in numba.prange(x.shape[0]):
-        out[i] = _peak(x, i, inv[i])
+@numba.njit(cache=True, nogil=True)
+def _encode_row(x, i, inv, s, codes, scale, err):  # pragma: no cover - numba
+    """codes[i, :d] = round(fl32(x_i inv) / s) clamped to [-127, 127]; scale[i] = s; err[i] = ||r - s Q||."""
+    magic = np.float32(12582912.0)  # 1.5 * 2^23: (v + magic) - magic rounds |v| < 2^22 to an integer
+    recip = np.float32(1.0) / s
+    for u in range(x.shape[1]):
+        c = (np.float32(x[i, u] * inv) * recip + magic) - magic
+        codes[i, u] = np.int8(min(max(c, np.float32(-127.0)), np.float32(127.0)))
+    scale[i], err[i] = s, _error_norm(x, i, inv, codes, s)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def encode_int8(x, inv, given_scale, codes, scale, err):  # pragma: no cover - numba
     """Row i: r = fl32(x_i * inv_i), Q = round(r / s) in [-127, 127] into codes[i, :d] with s the
     given scale (when > 0) or max|r| / 127 (1 for a zero row); err_i = ||r - s Q|| (float64)."""
-    n, d = x.shape
-    magic = np.float32(12582912.0)  # 1.5 * 2^23: (v + magic) - magic rounds |v| < 2^22 to an integer
-    for i in numba.prange(n):
+    for i in numba.prange(x.shape[0]):
         s = np.float32(given_scale[i])
         if s <= 0:
             peak = _peak(x, i, inv[i])
             s = np.float32(peak / np.float32(127.0)) if peak > 0 else np.float32(1.0)
-        recip = np.float32(1.0) / s
-        for u in range(d):
-            c = (np.float32(x[i, u] * inv[i]) * recip + magic) - magic
-            codes[i, u] = np.int8(min(max(c, np.float32(-127.0)), np.float32(127.0)))
-        scale[i], err[i] = s, _error_norm(x, i, inv[i], codes, s)
+        _encode_row(x, i, inv[i], s, codes, scale, err)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def encode_int8_groups(x, inv, width, codes, scale, group_scale, err):  # pragma: no cover - numba
+    """References in chunks of `width` rows (the last one padded past x's rows): group g of a chunk,
+    rows g + m * width / GROUP (m < GROUP), shares the scale max|r| / 127 over its rows (1 when
+    all are zero), written to group_scale; its real rows are encoded as in `encode_int8`."""
+    per_chunk = width // GROUP
+    for gi in numba.prange(group_scale.shape[0]):
+        first = gi // per_chunk * width + gi % per_chunk
+        peak = np.float32(0.0)
+        for m in range(GROUP):
+            i = first + m * per_chunk
+            if i < x.shape[0]:
+                peak = max(peak, _peak(x, i, inv[i]))
+        s = np.float32(peak / np.float32(127.0)) if peak > 0 else np.float32(1.0)
+        group_scale[gi] = s
+        for m in range(GROUP):
+            i = first + m * per_chunk
+            if i < x.shape[0]:
+                _encode_row(x, i, inv[i], s, codes, scale, err)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz", "reassoc", "contract", "arcp"})
