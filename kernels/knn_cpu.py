@@ -10,9 +10,9 @@ Route (kernels in kernels/knn_cpu_screen.py). One worker thread per core takes b
 rounded copies of the unit rows, chunk by chunk of references, so that each tile of scores z
 (lowered by the reference's error term b_r) stays in that core's L2; one pass over the tile keeps
 a per-row top-k heap of z (root tau) and appends every reference with z + 2 b_r >= tau - 2 a_q.
-Groups of 4 references share an int8 scale, so a vector loop of int32 maxima bounds each group and
-only the few groups that can pass are opened; a row's first tile also gives tau a floor from its
-k best group bounds. Exact, not likely: with s' the fp32 similarity, |z + b_r - s'| <= a_q + b_r
+A vector loop flags the references that can pass, and only the flagged ones (a few per tile once
+tau has settled) are scored exactly; a row's first tile fills its heap before appending, so tau
+starts at that tile's k-th best. Exact, not likely: with s' the fp32 similarity, |z + b_r - s'| <= a_q + b_r
 (below); k references have s' >= tau - a_q, so the fp32 k-th best is >= tau - a_q, and a reference
 that can reach it has z + a_q + 2 b_r >= tau - a_q (tau only grows: earlier tiles kept a superset).
 At the end the pairs with z >= tau (at least k) are re-ranked in fp32; the smallest of those,
@@ -26,7 +26,7 @@ sees; e_q = ||q^ - q||, e_r = ||r^ - r||, measured per row; N >= ||r||, ||r^||; 
 Cauchy-Schwarz on q^.r^ - q.r = (q^ - q).r^ + q.(r^ - r), with |q.r - s'| <= gamma_{d+2} ||q|| N
 and gamma_n = n 2^-24 / (1 - n 2^-24), gives |z + b_r - s'| <= a_q + b_r for
     b_r = max||q|| (e_r + 2^-24 N),   a_q = e_q N + gamma_{d+2} ||q|| N + arith_q.
-  int8 (VNNI, torch._int_mm): q^ = s Q (one scale per block), r^ = s_r R (one per group of 4),
+  int8 (VNNI, torch._int_mm): q^ = s Q (one scale per block), r^ = s_r R (one per row),
     scales max|x|/127; Q.R is an exact int32 sum (checked once per process), scaled and biased in float64
     and rounded to fp32: arith_q = 2^-20 (||q^|| N + max b).
   bf16: the rounding (unit roundoff u = 2^-8) is inside e_q, e_r; bf16 products are exact in fp32,
@@ -53,7 +53,7 @@ import torch
 from fastmem.errors import fail
 
 from . import knn_cpu_screen as screen
-from .knn_cpu_screen import GROUP, PAD, ROUNDING
+from .knn_cpu_screen import PAD, ROUNDING
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 PIECE = 2048  # rows per bf16 encoding piece: temporaries stay in cache
@@ -168,51 +168,28 @@ class _Refs:
     chunks: list[torch.Tensor]  # per chunk: int8 codes (d16, width), bf16 rows or fp32 rows (width, d)
     col_scale: torch.Tensor  # (padded,) fp32: int8 scales s_r, 1 (bf16), 1/||x|| (fp32)
     slack: torch.Tensor  # (padded,) fp32 b_r, rounded up (0 on the fp32 path)
-    group_scale: torch.Tensor  # (padded / GROUP,) fp32 scale shared by a group's columns (0: none, fp32 path)
-    group_offset: torch.Tensor  # (padded / GROUP,) fp32 max 2 b - min b over the group, rounded up
-    group_bmax: torch.Tensor  # (padded / GROUP,) fp32 max b over the group, rounded up
     inv_norm: torch.Tensor  # (padded,) fp32 1/||x||, 0 for zero and padding rows
     norm: float  # N
     slack_max: float
 
 
-def _per_group(v: torch.Tensor, starts: list[int], reduce: str) -> torch.Tensor:
-    """max or min of v over each group: chunk [s, e) holds groups s / GROUP + g of rows s + g + m (e - s) / GROUP."""
-    return torch.cat([getattr(v[s:e].view(GROUP, -1), reduce)(0) for s, e in zip(starts, starts[1:], strict=False)])
-
-
 def _encode_refs(x: torch.Tensor, precision: str, width: int) -> _Refs:
-    """Normalize and encode the reference rows; fp32 chunks are views of `x` (the last one padded).
-
-    int8 rows share their group's scale (its largest peak / 127: ~7% coarser for Gaussian rows),
-    so a group's bound is a maximum of raw int32 scores. (A first chunk 8x as wide, for a better
-    first tau, measured no faster: the witness floor of scan_tile already does that.)"""
+    """Normalize and encode the reference rows (one int8 scale per row); fp32 chunks are views of
+    `x` (the last one padded). (A first chunk 8x as wide, for a better first tau, measured no faster.)"""
     count, d = x.shape
     padded = -(-count // width) * width
     starts = list(range(0, padded + 1, width))
     inv = torch.cat([_inverse_norms(x), torch.zeros(padded - count)])
-    groups = torch.zeros(padded // GROUP)
     if precision == "fp32":
         padded_x = torch.cat([x[starts[-2] :], x.new_zeros(padded - count, d)])
         chunks = [x[s:e] for s, e in zip(starts[:-2], starts[1:-1], strict=True)] + [padded_x]
-        return _Refs(precision, starts, count, x, chunks, inv, torch.zeros(padded), groups, groups, groups, inv, 1.0, 0.0)
-    if precision == "int8":
-        codes = torch.zeros(padded, -(-d // PAD) * PAD, dtype=torch.int8)
-        scales, err = torch.ones(padded), torch.zeros(padded, dtype=torch.float64)
-        screen.encode_int8_groups(x.numpy(), inv.numpy(), width, codes.numpy(), scales.numpy(), groups.numpy(),
-                                  err.numpy())
-        err = _with_margin(err, d)
-    else:
-        groups = torch.ones(padded // GROUP)
-        codes, scales, err = _encode(x, inv[:count], precision, pad=padded - count)
+        return _Refs(precision, starts, count, x, chunks, inv, torch.zeros(padded), inv, 1.0, 0.0)
+    codes, scales, err = _encode(x, inv[:count], precision, pad=padded - count)
     n_bound = max(float(err.max()) + _norm_bound(d), 1.0) * _norm_bound(d)
     slack = (_norm_bound(d) * (err + 2.0**-24 * n_bound) * (1 + ROUNDING)).float()
-    most, least = _per_group(slack.double(), starts, "amax"), _per_group(slack.double(), starts, "amin")
-    offset, bmax = ((2 * most - least) * (1 + ROUNDING)).float(), (most * (1 + ROUNDING)).float()
     # int8: (d16, width) views, which torch._int_mm takes as they are (a copy measured slower).
     chunks = [codes[s:e].T if precision == "int8" else codes[s:e] for s, e in zip(starts, starts[1:], strict=False)]
-    return _Refs(precision, starts, count, x, chunks, scales, slack, groups, offset, bmax, inv, n_bound,
-                 float(slack.max()))
+    return _Refs(precision, starts, count, x, chunks, scales, slack, inv, n_bound, float(slack.max()))
 
 
 @dataclass
@@ -263,15 +240,11 @@ def _block(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int, bufs: _Buf
     that passed `limit` (left for the fp32 path)."""
     n, exact = rows.stop - rows.start, refs.precision == "fp32"
     heap = bufs.get("heap", (n, k), torch.float32)
-    capacity = max(2 * limit, 2 * k + 2 * GROUP)
+    capacity = max(2 * limit, 2 * k + 8)
     cols, values = bufs.get("cols", (n, capacity), torch.int32), bufs.get("values", (n, capacity), torch.float32)
     heap_n, counts = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-    widest = max(e - s for s, e in zip(refs.starts, refs.starts[1:], strict=False))
-    maxima = np.empty(widest // GROUP, dtype=np.float32)
     qscale, bound = np.float32(q.scale[rows.start]), q.bound[rows].numpy()
     col_scale, slack = refs.col_scale.numpy(), refs.slack.numpy()
-    group_scale, group_offset, group_bmax = refs.group_scale.numpy(), refs.group_offset.numpy(), refs.group_bmax.numpy()
-    floors = torch.full((n,), -math.inf, dtype=torch.float64)
     encoded = q.encoded[rows]
     for chunk, ref in enumerate(refs.chunks):
         start, stop = refs.starts[chunk], refs.starts[chunk + 1]
@@ -284,10 +257,8 @@ def _block(q: _Queries, rows: slice, refs: _Refs, k: int, limit: int, bufs: _Buf
         else:
             torch.mm(encoded, ref.T, out=acc)
         valid, last = min(stop, refs.count) - start, chunk == len(refs.chunks) - 1
-        tile, tile_groups = slice(start, stop), slice(start // GROUP, stop // GROUP)
-        screen.scan_tile(acc.numpy(), valid, start, qscale, col_scale[tile], slack[tile], group_scale[tile_groups],
-                         group_offset[tile_groups], group_bmax[tile_groups], slack, bound, exact, heap.numpy(),
-                         heap_n.numpy(), floors.numpy(), cols.numpy(), values.numpy(), counts.numpy(), limit, last, maxima)
+        screen.scan_tile(acc.numpy(), valid, start, qscale, col_scale[start:stop], slack[start:stop], slack, bound,
+                         exact, heap.numpy(), heap_n.numpy(), cols.numpy(), values.numpy(), counts.numpy(), limit, last)
     screen.finish_rows(q.unit[rows].numpy(), refs.x.numpy(), refs.inv_norm.numpy(), slack, bound, exact, heap.numpy(),
                 cols.numpy(), values.numpy(), counts.numpy(), sims[rows].numpy(), idx[rows].numpy())
     over = counts == screen.OVERFLOW

@@ -1,12 +1,10 @@
 """Numba kernels of the exact CPU k-NN (kernels/knn_cpu.py, which holds the error bound).
 
-- `encode_int8`: unit rows to int8 codes with one scale per row (or a given one), and ||r^ - r||;
-  `encode_int8_groups` the same for references, one scale per group of GROUP rows.
+- `encode_int8`: unit rows to int8 codes with one scale per row (or a given one), and ||r^ - r||.
 - `scan_tile`: one GEMM tile of screen scores, per row: a running top-k heap of scores (its root is
   tau) and every column whose score z passes z + 2 b >= tau - 2 a_q appended to the row's buffer.
-  Groups of 4 columns are opened only when a bound on their z + 2 b (a vector loop) can pass,
-  listed branch-free first; int8 screens share one scale per group, so the bound is a maximum of
-  raw int32 scores.
+  A vector loop flags the columns that can pass (one byte each); the flags are read 8 at a time
+  and only the set ones visited (few pass once tau has settled).
 - `finish_rows`: per row, the exact fp32 top-k among the buffered candidates (tie rule: larger
   similarity, then smaller index), re-ranking as few as the bound allows.
 
@@ -20,10 +18,9 @@ from __future__ import annotations
 import math
 
 import numba
+from numba.cpython.unsafe.numbers import trailing_zeros
 import numpy as np
 
-GROUP = 4  # columns per group (strided: column g + m * groups), one maximum each
-SUPER = 16  # groups per run: one witness each for the first tile's floor of tau
 PAD = 16  # chunk widths and int8 code widths are multiples of this
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
 OVERFLOW = -1  # a row's count when its candidates passed the limit: the row is redone in fp32
@@ -72,48 +69,6 @@ def encode_int8(x, inv, given_scale, codes, scale, err):  # pragma: no cover - n
         _encode_row(x, i, inv[i], s, codes, scale, err)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def encode_int8_groups(x, inv, width, codes, scale, group_scale, err):  # pragma: no cover - numba
-    """References in chunks of `width` rows (the last one padded past x's rows): group g of a chunk,
-    rows g + m * width / GROUP (m < GROUP), shares the scale max|r| / 127 over its rows (1 when
-    all are zero), written to group_scale; its real rows are encoded as in `encode_int8`."""
-    per_chunk = width // GROUP
-    for gi in numba.prange(group_scale.shape[0]):
-        first = gi // per_chunk * width + gi % per_chunk
-        peak = np.float32(0.0)
-        for m in range(GROUP):
-            i = first + m * per_chunk
-            if i < x.shape[0]:
-                peak = max(peak, _peak(x, i, inv[i]))
-        s = np.float32(peak / np.float32(127.0)) if peak > 0 else np.float32(1.0)
-        group_scale[gi] = s
-        for m in range(GROUP):
-            i = first + m * per_chunk
-            if i < x.shape[0]:
-                _encode_row(x, i, inv[i], s, codes, scale, err)
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz", "reassoc", "contract", "arcp"})
-def _group_maxima(row, groups, qscale, col_scale, col_slack, group_scale, group_offset, out):  # pragma: no cover
-    """out[g] >= max (z + 2 b) over group g = columns g + m * groups, m < GROUP, up to 2^-21 (fp32):
-    with a scale shared by the group (group_scale[g] > 0, screens), the maximum of the raw scores
-    times it plus group_offset[g] = max 2 b - min b; else (fp32 path) the maximum of the scaled
-    scores. One branch-free vector loop over the GROUP slabs (slices, not row[m * groups + g]:
-    numba's negative-index check on a sum blocks vectorizing)."""
-    r0, r1, r2, r3 = row[:groups], row[groups : 2 * groups], row[2 * groups : 3 * groups], row[3 * groups : 4 * groups]
-    if group_scale[0] > 0:
-        for g in range(groups):  # raw maxima in the scores' own type (int32: exact)
-            top = max(max(r0[g], r1[g]), max(r2[g], r3[g]))
-            out[g] = np.float32(top) * (qscale * group_scale[g]) + group_offset[g]
-    else:
-        for g in range(groups):
-            best = np.float32(r0[g]) * (qscale * col_scale[g]) - col_slack[g]
-            for m in range(1, GROUP):
-                c = m * groups + g
-                best = max(best, np.float32(row[c]) * (qscale * col_scale[c]) - col_slack[c])
-            out[g] = best + group_offset[g]
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _score(row, c, qscale, col_scale, col_slack):  # pragma: no cover - numba
     """z = fl32(acc * (qscale * col_scale) - col_slack), computed in float64."""
@@ -151,15 +106,12 @@ def _heap_replace_root(heap, i, value):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, nogil=True)
-def _threshold(heap, heap_n, i, bound, exact, floors):  # pragma: no cover - numba
-    """tau - 2 a_q - ROUNDING (exact mode: tau), tau the larger of the heap's root (once it holds
-    k scores) and the row's floor; -inf before either exists."""
-    tau = floors[i]
-    if heap_n[i] == heap.shape[1]:
-        tau = max(tau, np.float64(heap[i, 0]))
-    if tau == -math.inf or exact:
-        return tau
-    return tau - 2.0 * bound[i] - ROUNDING
+def _threshold(heap, heap_n, i, bound, exact):  # pragma: no cover - numba
+    """tau - 2 a_q - ROUNDING (exact mode: tau), tau the heap's root once it holds k scores; -inf before."""
+    if heap_n[i] < heap.shape[1]:
+        return -math.inf
+    tau = np.float64(heap[i, 0])
+    return tau if exact else tau - 2.0 * bound[i] - ROUNDING
 
 
 @numba.njit(cache=True, nogil=True)
@@ -191,73 +143,66 @@ def _compact(i, t, tau, exact, col_slack, cols, values, n, k, limit):  # pragma:
     return m
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz", "contract", "arcp"})
+def _column_flags(row, ncols, qscale, scale, slack, bar, flags):  # pragma: no cover - numba
+    """flags[c] = 1 where fl32(row[c] * (qscale * scale[c]) + slack[c]) >= bar, c < ncols (0 past it):
+    z + 2 b in fp32, within 2^-21 of the exact value for |z + 2 b| < 2 (a vector loop), so a bar
+    ROUNDING below the threshold flags every column that passes it."""
+    for c in range(ncols):
+        flags[c] = np.float32(row[c]) * (qscale * scale[c]) + slack[c] >= bar
+    flags[ncols:] = 0
+
+
 @numba.njit(cache=True, nogil=True)
-def scan_tile(acc, ncols, first, qscale, scale, slack, group_scale, group_offset, group_bmax, col_slack, bound, exact,
-              heap, heap_n, floors, cols, values, counts, limit, last, maxima):  # pragma: no cover - numba
+def scan_tile(acc, ncols, first, qscale, scale, slack, col_slack, bound, exact, heap, heap_n, cols, values, counts,
+              limit, last):  # pragma: no cover - numba
     """Feed columns [0, ncols) of a tile of screen scores (global columns first + c) to each row's
-    heap, appending every (column, z) with z + 2 b >= tau - 2 a_q (tau as it stands then: it only
-    grows) to the row's buffer (twice `limit` wide: when full it is compacted; a screen row with
-    more than `limit` pairs left then, or after the `last` tile, is marked OVERFLOW).
+    heap, appending every (column, z) with z + 2 b >= tau - 2 a_q to the row's buffer (twice
+    `limit` wide: when full it is compacted; a screen row with more than `limit` pairs left then,
+    or after the `last` tile, is marked OVERFLOW). scale, slack: the tile's columns (contiguous).
 
-    The tile's width is a multiple of GROUP; group g holds columns g + m * width / GROUP; a group
-    is opened only when its bound on z + 2 b can pass. scale, slack, group_scale, group_offset:
-    the tile's columns/groups (contiguous copies: numba types a slice as non-contiguous); maxima:
-    scratch of at least groups floats.
-
-    A row whose heap is not yet full (its first tile) first gets a floor for tau: each group's
-    bound minus its offset and max b is <= the z of the group's best column, so the k-th largest
-    of those over k or more groups (or runs of groups) is <= the k-th best z (k distinct columns
-    reach it)."""
+    A row whose heap is not full (its first tile) offers every score to the heap first, so its tau
+    is the tile's k-th best before anything is appended; later rows test each column's z + 2 b
+    against tau as it stands then (it only grows, so earlier tiles kept a superset)."""
     k, capacity = heap.shape[1], cols.shape[1]
-    groups = acc.shape[1] // GROUP
-    nsupers = -(-groups // SUPER)
-    group_max = maxima[:groups]
-    witness, chosen = np.empty(groups, dtype=np.float64), np.empty(groups, dtype=np.int32)
+    flags = np.zeros(-(-acc.shape[1] // 8) * 8, dtype=np.uint8)
+    words = flags.view(np.uint64)
     for i in range(acc.shape[0]):
         n = counts[i]
         if n == OVERFLOW:
             continue
         row = acc[i]
-        _group_maxima(row, groups, qscale, scale, slack, group_scale, group_offset, group_max)
-        if heap_n[i] < k <= groups and ncols == acc.shape[1]:
-            for g in range(groups):
-                witness[g] = np.float64(group_max[g]) - np.float64(group_offset[g]) - np.float64(group_bmax[g]) - ROUNDING
-            if nsupers >= k:  # one witness per run of groups: a short selection
-                for sup in range(nsupers):
-                    witness[sup] = witness[sup * SUPER : min(sup * SUPER + SUPER, groups)].max()
-                floors[i] = max(floors[i], np.partition(witness[:nsupers], nsupers - k)[nsupers - k])
-            else:
-                floors[i] = max(floors[i], np.partition(witness, groups - k)[groups - k])
-        t = _threshold(heap, heap_n, i, bound, exact, floors)
-        # The groups that can pass, listed branch-free (a branch per group mispredicted often);
-        # tau only grows, so the list is a superset of those still passing when opened.
-        bar, opened = t - ROUNDING, 0
-        for g in range(groups):
-            chosen[opened] = g
-            opened += np.float64(group_max[g]) >= bar
-        for j in range(opened):
-            g = chosen[j]
-            if np.float64(group_max[g]) + ROUNDING >= t:
-                for c in range(g, min(ncols, acc.shape[1]), groups):
-                    z = _score(row, c, qscale, scale, slack)
-                    if heap_n[i] < k:
-                        _heap_push(heap, i, heap_n[i], z)
-                        heap_n[i] += 1
-                        t = _threshold(heap, heap_n, i, bound, exact, floors)
-                    elif z > heap[i, 0]:
-                        _heap_replace_root(heap, i, z)
-                        t = _threshold(heap, heap_n, i, bound, exact, floors)
-                    # Branch-free append (an unpredictable branch here cost more than the rest):
-                    # the slot is always written, and kept when the pair passes.
-                    cols[i, n], values[i, n] = first + c, z
-                    n += np.float64(z) + 2.0 * np.float64(slack[c]) >= t
-                    if n == capacity:
-                        n = _compact(i, t, heap[i, 0], exact, col_slack, cols, values, n, k, limit)
-                        if n == OVERFLOW or n == capacity:
-                            n = OVERFLOW
-                            break
-                if n == OVERFLOW:
-                    break
+        offered = heap_n[i] < k
+        if offered:  # every score into the heap: a few replacements on top of one compare each
+            for c in range(ncols):
+                z = _score(row, c, qscale, scale, slack)
+                if heap_n[i] < k:
+                    _heap_push(heap, i, heap_n[i], z)
+                    heap_n[i] += 1
+                elif z > heap[i, 0]:
+                    _heap_replace_root(heap, i, z)
+        t = _threshold(heap, heap_n, i, bound, exact)
+        _column_flags(row, ncols, qscale, scale, slack, np.float32(t - ROUNDING), flags)
+        for w in range(-(-ncols // 8)):
+            word = words[w]
+            while word != 0:  # the set flags of 8 columns, lowest first
+                c = 8 * w + (trailing_zeros(word) >> 3)
+                word &= word - np.uint64(1)
+                z = _score(row, c, qscale, scale, slack)
+                if not offered and z > heap[i, 0]:
+                    _heap_replace_root(heap, i, z)
+                    t = _threshold(heap, heap_n, i, bound, exact)
+                # Branch-free append (an unpredictable branch here cost more than the rest):
+                # the slot is always written, and kept when the pair passes.
+                cols[i, n], values[i, n] = first + c, z
+                n += np.float64(z) + 2.0 * np.float64(slack[c]) >= t
+                if n == capacity:
+                    n = _compact(i, t, heap[i, 0], exact, col_slack, cols, values, n, k, limit)
+                    if n == OVERFLOW or n == capacity:
+                        n = OVERFLOW
+                        break
+            if n == OVERFLOW:
+                break
         if last and n != OVERFLOW and not exact and n > limit:
             n = _compact(i, t, heap[i, 0], exact, col_slack, cols, values, n, k, limit)
         counts[i] = n

@@ -193,16 +193,18 @@ def test_screens_agree_with_the_fp32_path_on_half_precision_inputs(precision: st
     torch.testing.assert_close(sims, exact_sims, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("k", [15, 37])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_many_small_chunks_stay_exact_as_tau_grows(precision: str) -> None:
-    # Chunks of 16 columns (one group; the last one partial): tau starts below k and grows tile by
-    # tile, candidate buffers (limit 24) are compacted many times; queries sorted against a trend.
+def test_many_small_chunks_stay_exact_as_tau_grows(precision: str, k: int) -> None:
+    # Chunks of 16 columns (the last one partial): tau grows tile by tile, candidate buffers (limit
+    # 400) are compacted many times; queries sorted against a trend. k = 37 needs three tiles to
+    # fill a heap: every column of the first two is kept (no tau yet).
     reference, _, queries, _ = _clusters(8, 6001, 100, 32, 1.5)
     reference = reference * np.linspace(1, 3, 6001, dtype=np.float32)[:, None]
     stats = KnnCpuStats()
-    sims, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), 15, precision=precision,
+    sims, idx = knn_topk_cpu(torch.from_numpy(reference), torch.from_numpy(queries), k, precision=precision,
                              reference_chunk=16, query_block=32, candidate_limit=400, stats=stats)
-    expected_sims, expected = _brute_force(reference, queries, 15)
+    expected_sims, expected = _brute_force(reference, queries, k)
     _assert_neighbours(idx, reference, queries, expected, tol=1e-6)
     np.testing.assert_allclose(sims.numpy(), expected_sims, atol=1e-6)
     assert stats.fallback_queries == 0
