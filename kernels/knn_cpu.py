@@ -39,7 +39,6 @@ Gaussian 512-d rows have e ~ 0.0074 (int8), 0.0017 (bf16): a ~0.03 window around
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import numba
-from numba.cpython.unsafe.numbers import trailing_zeros
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 PAD = 16  # chunk widths and int8 code widths are multiples of this
 ROUNDING = 2.0**-20  # covers fp32 rounding of screen-scale values (|v| < 2) in thresholds
