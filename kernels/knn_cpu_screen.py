@@ -227,57 +227,92 @@ def _similarities(q, i, x, c, inv_norm, out):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, nogil=True)
+def _top_keys(keys, count, k, top, where):  # pragma: no cover - numba
+    """The k largest of keys[:count] (distinct), largest first, into top[:k] and their positions into
+    where[:k]: one insertion per key that beats the k-th (few, after the first k)."""
+    size = 0
+    for j in range(count):
+        key = keys[j]
+        if size == k and key <= top[k - 1]:
+            continue
+        p = size if size < k else k - 1
+        while p > 0 and top[p - 1] < key:
+            top[p], where[p] = top[p - 1], where[p - 1]
+            p -= 1
+        top[p], where[p] = key, j
+        size += size < k
+
+
+@numba.njit(cache=True, nogil=True)
+def _rerank(q, i, x, inv_norm, pending, w, ranked_cols, ranked_values, ranked, exact_heap, sims4):  # pragma: no cover
+    """Re-rank the columns pending[:w] (w <= 4; the four rows padded with repeats) in fp32, append
+    them to the ranked pairs and offer them to the min-heap of the k best exact values; the new count."""
+    for v in range(w, 4):
+        pending[v] = pending[w - 1]
+    _similarities(q, i, x, pending, inv_norm, sims4)
+    k = exact_heap.shape[1]
+    for v in range(w):
+        ranked_cols[ranked], ranked_values[ranked] = pending[v], sims4[v]
+        if ranked < k:
+            _heap_push(exact_heap, 0, ranked, sims4[v])
+        elif sims4[v] > exact_heap[0, 0]:
+            _heap_replace_root(exact_heap, 0, sims4[v])
+        ranked += 1
+    return ranked
+
+
+@numba.njit(cache=True, nogil=True)
 def finish_rows(q, x, inv_norm, col_slack, bound, exact, heap, cols, values, counts, sims, idx):  # pragma: no cover
     """Exact top-k of each row's buffered pairs into sims/idx (value descending, index ascending);
     OVERFLOW rows are left alone.
 
     Screen mode: of the pairs passing the final tau - 2 a_q, those with z >= tau (at least k) are
-    re-ranked first; the smallest of their fp32 similarities, tau_e, is <= the exact k-th best, so
-    a reference can only reach the top-k with z + 2 b >= tau_e - a_q: only those are re-ranked too."""
+    re-ranked first; the k-th best of the fp32 similarities re-ranked so far, tau_e, is <= the exact
+    k-th best, so a reference can only reach the top-k with z + 2 b >= tau_e - a_q: only those are
+    re-ranked too, four at a time, tau_e rising as they come in."""
     k, capacity = sims.shape[1], cols.shape[1]
-    exact_values, done = np.empty(capacity, dtype=np.float32), np.empty(capacity, dtype=np.bool_)
+    ranked_cols, ranked_values = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.float32)
     todo, keys = np.empty(capacity, dtype=np.int64), np.empty(capacity, dtype=np.int64)
-    four, sims4 = np.empty(4, dtype=np.int64), np.empty(4, dtype=np.float32)
+    top, where = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64)
+    pending, sims4 = np.empty(4, dtype=np.int64), np.empty(4, dtype=np.float32)
+    exact_heap = np.empty((1, k), dtype=np.float32)
     for i in range(cols.shape[0]):
         n = counts[i]
         if n == OVERFLOW:
             continue
+        row_cols, row_values = cols[i], values[i]
         root = heap[i, 0]
         t = np.float64(root) if exact else np.float64(root) - 2.0 * bound[i] - ROUNDING
         m = 0  # the pairs passing the final threshold, moved to the front of the row
         for j in range(n):
-            if np.float64(values[i, j]) + 2.0 * np.float64(col_slack[cols[i, j]]) >= t:
-                cols[i, m], values[i, m] = cols[i, j], values[i, j]
+            if np.float64(row_values[j]) + 2.0 * np.float64(col_slack[row_cols[j]]) >= t:
+                row_cols[m], row_values[m] = row_cols[j], row_values[j]
                 m += 1
         if not exact:
             # The heap's k scores are >= tau: the pairs with z >= tau are at least k references.
-            count = 0
+            ranked, count, w = 0, 0, 0
+            for j in range(m):  # listed branch-free
+                todo[count] = j
+                count += row_values[j] >= root
+            for s in range(count):
+                pending[w] = row_cols[todo[s]]
+                w += 1
+                if w == 4 or s == count - 1:
+                    ranked = _rerank(q, i, x, inv_norm, pending, w, ranked_cols, ranked_values, ranked, exact_heap, sims4)
+                    w = 0
+            bar = np.float64(exact_heap[0, 0]) - bound[i] - ROUNDING
             for j in range(m):
-                done[j] = False
-                if values[i, j] >= root:
-                    todo[count] = j
-                    count += 1
-            tau_e = math.inf
-            for rank_pass in range(2):
-                for s in range(0, count, 4):  # four at a time, the last four padded with repeats
-                    for w in range(4):
-                        four[w] = cols[i, todo[min(s + w, count - 1)]]
-                    _similarities(q, i, x, four, inv_norm, sims4)
-                    for w in range(min(4, count - s)):
-                        j = todo[s + w]
-                        exact_values[j], done[j] = sims4[w], True
-                        tau_e = min(tau_e, np.float64(sims4[w])) if rank_pass == 0 else tau_e
-                t2, count = tau_e - bound[i] - ROUNDING, 0
-                for j in range(m):
-                    if rank_pass == 0 and not done[j] and np.float64(values[i, j]) + 2.0 * np.float64(col_slack[cols[i, j]]) >= t2:
-                        todo[count] = j
-                        count += 1
-            kept = 0
-            for j in range(m):
-                if done[j]:
-                    cols[i, kept], values[i, kept] = cols[i, j], exact_values[j]
-                    kept += 1
-            m = kept
-        best = np.argsort(_keys(values[i], cols[i], m, keys))[::-1][:k]
+                z = row_values[j]
+                if z < root and np.float64(z) + 2.0 * np.float64(col_slack[row_cols[j]]) >= bar:
+                    pending[w] = row_cols[j]
+                    w += 1
+                    if w == 4:
+                        ranked = _rerank(q, i, x, inv_norm, pending, w, ranked_cols, ranked_values, ranked, exact_heap,
+                                         sims4)
+                        w, bar = 0, np.float64(exact_heap[0, 0]) - bound[i] - ROUNDING
+            if w > 0:
+                ranked = _rerank(q, i, x, inv_norm, pending, w, ranked_cols, ranked_values, ranked, exact_heap, sims4)
+            row_cols, row_values, m = ranked_cols, ranked_values, ranked
+        _top_keys(_keys(row_values, row_cols, m, keys), m, k, top, where)
         for j in range(k):
-            sims[i, j], idx[i, j] = values[i, best[j]], cols[i, best[j]]
+            sims[i, j], idx[i, j] = row_values[where[j]], row_cols[where[j]]
