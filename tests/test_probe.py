@@ -65,7 +65,7 @@ def test_probe_accuracy_equals_sklearn_on_the_same_embeddings() -> None:
         assert accuracy[layer] == pytest.approx((clf.predict(qry[layer].vectors.astype(np.float32)) == test.labels).mean())
 
 
-def _embed(model, cache, calls: list[str], monkeypatch):
+def _embed(model, cache, calls: list[str], monkeypatch, dtype: torch.dtype | None = None):
     real = extract_module.extract_embeddings
 
     def counting(*args, **kwargs):
@@ -75,7 +75,7 @@ def _embed(model, cache, calls: list[str], monkeypatch):
     monkeypatch.setattr("fastmem.probe.extract_embeddings", counting)
     train, _ = _data()
     return embed_split(model, train.images, train.labels, "train", ("h", "z"), device=torch.device("cpu"),
-                       dtype=None, cache=cache, weights=None, project_dim=0)
+                       dtype=dtype, cache=cache, weights=None, project_dim=0)
 
 
 def test_cache_hit_miss_and_invalidation_on_new_weights(tmp_path: Path, monkeypatch) -> None:
@@ -87,6 +87,18 @@ def test_cache_hit_miss_and_invalidation_on_new_weights(tmp_path: Path, monkeypa
     assert np.array_equal(first["h"].vectors, second["h"].vectors)
     _embed(_model(1), cache, calls, monkeypatch)  # new weights: a miss
     assert calls == ["h,z", "h,z"]
+
+
+def test_cache_keeps_extraction_precisions_apart(tmp_path: Path, monkeypatch) -> None:
+    cache, calls = EmbeddingCache(tmp_path), []
+    fp32 = _embed(_model(0), cache, calls, monkeypatch)
+    bf16 = _embed(_model(0), cache, calls, monkeypatch, dtype=torch.bfloat16)  # same weights, other precision: a miss
+    assert calls == ["h,z", "h,z"]
+    assert not np.array_equal(fp32["h"].vectors, bf16["h"].vectors)
+    assert np.array_equal(_embed(_model(0), cache, calls, monkeypatch)["h"].vectors, fp32["h"].vectors)
+    assert np.array_equal(_embed(_model(0), cache, calls, monkeypatch, dtype=torch.bfloat16)["h"].vectors,
+                          bf16["h"].vectors)
+    assert calls == ["h,z", "h,z"]  # both entries hit afterwards
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_norms", "garbage_sidecar"])

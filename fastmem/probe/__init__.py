@@ -42,7 +42,9 @@ def embed_split(
 
     `distributed`: every torchrun rank calls this; each extracts its share and all get the whole.
     """
-    reduction = reduction_name(project_dim, 0) + ("-trt" if forward is not None else "")  # engines round differently
+    # Autocast precision and TensorRT engines round differently: each gets its own cache entries.
+    precision = "" if dtype is None else "-" + str(dtype).removeprefix("torch.")
+    reduction = reduction_name(project_dim, 0) + precision + ("-trt" if forward is not None else "")
     found: dict[str, Embedding] = {}
     keys: dict[str, CacheKey] = {}
     if cache is not None:
