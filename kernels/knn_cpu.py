@@ -148,12 +148,8 @@ def _encode(x: torch.Tensor, inv: torch.Tensor, precision: str, scale: torch.Ten
             unit = x[s:e] * inv[s:e, None]
             codes[s:e] = unit.to(torch.bfloat16)
             err[s:e] = torch.linalg.vector_norm(unit - codes[s:e].float(), dim=1).double()
-    return codes, scales, _with_margin(err, d)
-
-
-def _with_margin(err: torch.Tensor, d: int) -> torch.Tensor:
-    """Measured ||r^ - r|| raised by the fp32/float64 arithmetic of the measurement itself."""
-    return err * (1 + (d + 4) * 2.0**-23) + 2.0**-22
+    # Margins for the fp32/float64 arithmetic of the measurement itself.
+    return codes, scales, err * (1 + (d + 4) * 2.0**-23) + 2.0**-22
 
 
 @dataclass

@@ -46,27 +46,21 @@ def _error_norm(x, i, scale, codes, s):  # pragma: no cover - numba
     return math.sqrt(total)
 
 
-@numba.njit(cache=True, nogil=True)
-def _encode_row(x, i, inv, s, codes, scale, err):  # pragma: no cover - numba
-    """codes[i, :d] = round(fl32(x_i inv) / s) clamped to [-127, 127]; scale[i] = s; err[i] = ||r - s Q||."""
-    magic = np.float32(12582912.0)  # 1.5 * 2^23: (v + magic) - magic rounds |v| < 2^22 to an integer
-    recip = np.float32(1.0) / s
-    for u in range(x.shape[1]):
-        c = (np.float32(x[i, u] * inv) * recip + magic) - magic
-        codes[i, u] = np.int8(min(max(c, np.float32(-127.0)), np.float32(127.0)))
-    scale[i], err[i] = s, _error_norm(x, i, inv, codes, s)
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
 def encode_int8(x, inv, given_scale, codes, scale, err):  # pragma: no cover - numba
     """Row i: r = fl32(x_i * inv_i), Q = round(r / s) in [-127, 127] into codes[i, :d] with s the
     given scale (when > 0) or max|r| / 127 (1 for a zero row); err_i = ||r - s Q|| (float64)."""
+    magic = np.float32(12582912.0)  # 1.5 * 2^23: (v + magic) - magic rounds |v| < 2^22 to an integer
     for i in numba.prange(x.shape[0]):
         s = np.float32(given_scale[i])
         if s <= 0:
             peak = _peak(x, i, inv[i])
             s = np.float32(peak / np.float32(127.0)) if peak > 0 else np.float32(1.0)
-        _encode_row(x, i, inv[i], s, codes, scale, err)
+        recip = np.float32(1.0) / s
+        for u in range(x.shape[1]):
+            c = (np.float32(x[i, u] * inv[i]) * recip + magic) - magic
+            codes[i, u] = np.int8(min(max(c, np.float32(-127.0)), np.float32(127.0)))
+        scale[i], err[i] = s, _error_norm(x, i, inv[i], codes, s)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
