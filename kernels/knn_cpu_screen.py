@@ -161,15 +161,34 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, col_slack, bound, exact, 
     k, capacity = heap.shape[1], cols.shape[1]
     flags = np.zeros(-(-acc.shape[1] // 8) * 8, dtype=np.uint8)
     words = flags.view(np.uint64)
+    scores, selection = np.empty(acc.shape[1], dtype=np.float32), np.empty((1, k), dtype=np.float32)
     for i in range(acc.shape[0]):
         n = counts[i]
         if n == OVERFLOW:
             continue
         row = acc[i]
         offered = heap_n[i] < k
-        if offered:  # every score into the heap: a few replacements on top of one compare each
+        if offered:  # every score that can be among the tile's k best into the heap
             for c in range(ncols):
-                z = _score(row, c, qscale, scale, slack)
+                scores[c] = _score(row, c, qscale, scale, slack)
+            floor = -math.inf
+            blocks = ncols // 8
+            if heap_n[i] == 0 and blocks >= k:
+                # The k-th largest maximum of k or more blocks (b + j * blocks, j < 8) is <= the
+                # k-th largest score (k distinct columns reach it): a floor that skips most offers.
+                for b in range(blocks):
+                    top = scores[b]
+                    for j in range(1, 8):
+                        top = max(top, scores[b + j * blocks])
+                    if b < k:
+                        _heap_push(selection, 0, b, top)
+                    elif top > selection[0, 0]:
+                        _heap_replace_root(selection, 0, top)
+                floor = selection[0, 0]
+            for c in range(ncols):
+                z = scores[c]
+                if z < floor:
+                    continue
                 if heap_n[i] < k:
                     _heap_push(heap, i, heap_n[i], z)
                     heap_n[i] += 1
