@@ -21,14 +21,14 @@ core (with one busy-loop process beside it: ours 23.5 s -> 2.2 s, faiss 3.8 -> 2
     python benchmarks/knn.py --scale-references 0 --repeats 2
 
 Measured (Intel Xeon with avx512_vnni/avx512_bf16/avx512_fp16, no AMX exposed; 2 cores, 2 threads;
-torch 2.14.1, faiss 1.15.1), quiet machine (load 0.7 -> 1.8), 3 rounds, results/knn-cpu.json:
-    10k x 50k:  ours 0.85 s | plain fp32 path 1.93 | faiss 2.04 (2.40x) | torch 2.61 (3.05x) | sklearn 11.9 (14.0x)
-    10k x 200k: ours 2.54 s | plain fp32 path 7.35 | faiss 8.96 (3.52x) | torch 16.7 (6.56x)
+torch 2.14.1, faiss 1.15.1), quiet machine (load 1.0 -> 1.8), 3 rounds, results/knn-cpu.json:
+    10k x 50k:  ours 0.78 s | plain fp32 path 1.92 | faiss 2.08 (2.65x) | torch 2.66 (3.39x) | sklearn 10.4 (13.3x)
+    10k x 200k: ours 2.55 s | plain fp32 path 7.36 | faiss 8.75 (3.43x) | torch 16.9 (6.61x)
 Indices: 0 differences beyond fp32 near-ties. Claim holds: >= 2x faiss and >= 4x scikit-learn.
 A one-thread 512x1024x512 torch._int_mm tile runs at ~600 G(OP)/s, ~96% of one core's vpdpbusd
 peak (614 G(OP)/s, timed once with a register-only C loop of independent vpdpbusd), so the GEMM (0.85 CPU-s per 10k x 50k call) is at its floor; the rest is the
-tile scan (0.37 CPU-s: a vector pass of per-column flags, then only the set ones visited), the fp32
-re-rank (0.23 CPU-s, bound by reading ~80 random 2 KB rows per query) and encoding (~0.05 s).
+tile scan (0.33 CPU-s: a vector pass of per-column flags, then only the set ones visited), the fp32
+re-rank (0.22 CPU-s, bound by reading ~80 random 2 KB rows per query) and encoding (~0.05 s).
 History on this machine: group-of-4 bounds with a branch-free group listing 1.09 s quiet (1.97x
 faiss), the design before it 1.21 s (1.72x).
 """
