@@ -155,9 +155,10 @@ def scan_tile(acc, ncols, first, qscale, scale, slack, col_slack, bound, exact, 
     `limit` wide: when full it is compacted; a screen row with more than `limit` pairs left then,
     or after the `last` tile, is marked OVERFLOW). scale, slack: the tile's columns (contiguous).
 
-    A row whose heap is not full (its first tile) offers every score to the heap first, so its tau
-    is the tile's k-th best before anything is appended; later rows test each column's z + 2 b
-    against tau as it stands then (it only grows, so earlier tiles kept a superset)."""
+    A row whose heap is not full (its first tile) offers the tile's scores to the heap first (only
+    those that can be among its k best), so its tau is the tile's k-th best before anything is
+    appended. Then a vector pass flags the columns whose z + 2 b can reach tau - 2 a_q as it stands
+    (it only grows, so earlier tiles kept a superset), and only the flagged ones are visited."""
     k, capacity = heap.shape[1], cols.shape[1]
     flags = np.zeros(-(-acc.shape[1] // 8) * 8, dtype=np.uint8)
     words = flags.view(np.uint64)
