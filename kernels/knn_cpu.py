@@ -15,9 +15,10 @@ tau has settled) are scored exactly; a row's first tile fills its heap before ap
 starts at that tile's k-th best. Exact, not likely: with s' the fp32 similarity, |z + b_r - s'| <= a_q + b_r
 (below); k references have s' >= tau - a_q, so the fp32 k-th best is >= tau - a_q, and a reference
 that can reach it has z + a_q + 2 b_r >= tau - a_q (tau only grows: earlier tiles kept a superset).
-At the end the pairs with z >= tau (at least k) are re-ranked in fp32; the smallest of those,
-tau_e, is <= the k-th best, so only references with z + 2 b_r >= tau_e - a_q are re-ranked as well
-(~60 per query on Gaussian rows, not ~200), and the top-k taken with the tie rule. A query whose
+At the end the pairs with z >= tau (at least k) are re-ranked in fp32; the k-th best of the values
+re-ranked so far, tau_e, is <= the exact k-th best, so only references with z + 2 b_r >= tau_e - a_q
+are re-ranked as well, tau_e rising as they come in (~60 per query on Gaussian rows, not ~280), and
+the top-k taken with the tie rule. A query whose
 candidates pass `candidate_limit` (duplicates, tight clusters, collapsed embeddings) is redone on
 the plain fp32 path (`KnnCpuStats.fallback_queries`), whose GEMM scores are the final values.
 
