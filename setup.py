@@ -2,7 +2,10 @@
 
 from setuptools import setup
 
-PACKAGES = ["fastmem", "fastmem.data", "fastmem.models", "fastmem.probe", "fastmem.experiments", "fastmem.pipelines", "fastmem.kernels"]
+PACKAGES = [
+    "fastmem", "fastmem.data", "fastmem.models", "fastmem.run", "fastmem.train", "fastmem.probe", "fastmem.experiments",
+    "fastmem.report", "fastmem.pipelines", "fastmem.pipelines.executors", "fastmem.pipelines.backends", "fastmem.kernels",
+]
 
 setup(
     name="fastmem",

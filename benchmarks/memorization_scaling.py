@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, machine_label  # noqa: E402
 
 from fastmem.data.labels import load_labels  # noqa: E402
-from fastmem.metrics import read_metrics  # noqa: E402
+from fastmem.run.metrics import read_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS: dict[str, dict[str, Any]] = {

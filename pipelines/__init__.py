@@ -15,12 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from fastmem.pipelines.contract import AUGMENT_NAMES, Batch, Loader, LoaderOptions
+from fastmem.pipelines.params import AUGMENT_FORMS, AugmentSpec
+from fastmem.pipelines.view_pool import check_view_pool_pipeline
 
+from fastmem.data.iid_views import ViewPool, check_view_pool
 from fastmem.errors import fail
-
-from .contract import AUGMENT_NAMES, Batch, Loader, LoaderOptions
-from .params import AUGMENT_FORMS, AugmentSpec
-from .view_pool import ViewPool, check_view_pool, check_view_pool_pipeline
 
 
 class _Backend(NamedTuple):
@@ -31,11 +31,11 @@ class _Backend(NamedTuple):
 
 # The registry: one line per backend, name → (module, factory, extra naming its optional dependency).
 _BACKENDS: dict[str, _Backend] = {
-    "device": _Backend("fastmem.pipelines.device_loader", "DeviceLoader"),
-    "torch": _Backend("fastmem.pipelines.torch_loader", "TorchLoader"),
+    "device": _Backend("fastmem.pipelines.backends.device", "DeviceLoader"),
+    "torch": _Backend("fastmem.pipelines.backends.torch", "TorchLoader"),
     # dali, ffcv: optional dependencies, imported by their loaders (one-line error naming the extra).
-    "dali": _Backend("fastmem.pipelines.dali_loader", "DaliLoader", extra="dali"),
-    "ffcv": _Backend("fastmem.pipelines.ffcv_loader", "FfcvLoader", extra="ffcv"),
+    "dali": _Backend("fastmem.pipelines.backends.dali", "DaliLoader", extra="dali"),
+    "ffcv": _Backend("fastmem.pipelines.backends.ffcv", "FfcvLoader", extra="ffcv"),
 }
 PIPELINE_NAMES: tuple[str, ...] = tuple(_BACKENDS)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-
-from .params import AUGMENT_NAMES, AugmentSpec
+from fastmem.pipelines.params import AUGMENT_NAMES, AugmentSpec
 
 __all__ = ["AUGMENT_NAMES", "Batch", "Loader", "LoaderOptions"]
 

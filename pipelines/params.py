@@ -1,9 +1,9 @@
-"""The one parameter sampler: augmentation specs, the counter RNG, and per-view parameters.
+"""The one parameter sampler: augmentation specs and per-view parameters.
 
-Owns `AugmentSpec` (what augmentation a run asks for), the stateless counter RNG keyed by
-(seed, sample index, view id, stream), the choice of view ids per epoch, the per-view parameters
-every backend executes (`ViewParams`) and per-view targets. It draws randomness; it never touches
-pixels (see executor.py). Every value is computed with integer hashing and correctly rounded
+Owns `AugmentSpec` (what augmentation a run asks for), the choice of view ids per epoch, the
+per-view parameters every backend executes (`ViewParams`) and per-view targets, all drawn from the
+counter RNG (rng.py) keyed by (seed, sample index, view id, stream). It draws randomness; it never
+touches pixels (see executors/). Every value is computed with integer hashing and correctly rounded
 float ops only (+, -, *, /, sqrt, floor, round), so parameters are identical on CPU and CUDA.
 Contract: docs/augmentation_params.md.
 """
@@ -17,19 +17,31 @@ import re
 from dataclasses import dataclass
 
 import torch
+from fastmem.pipelines.rng import (
+    S_EPOCH_ORDER,
+    S_FACTORS,
+    S_FLIP,
+    S_GRAY,
+    S_JITTER,
+    S_LEFT,
+    S_ORDER,
+    S_RA_OP,
+    S_RA_SIGN,
+    S_RATIO,
+    S_SCALE,
+    S_TOP,
+    S_VIEW_CHOICE,
+    S_VIEW_LABEL,
+    counter_bits,
+    counter_randint,
+    shr,
+    to_uniform,
+)
 
 from fastmem.errors import fail
 
 AUGMENT_NAMES: tuple[str, ...] = ("none", "standard", "full")
 AUGMENT_FORMS = "none, standard, full, strength:A (0 ≤ A ≤ 1), fullfixed:N[:same|random]"
-VIEW_LABELS: tuple[str, ...] = ("same", "random")
-
-# Streams: each parameter draws from its own stream so adding a parameter never shifts another.
-S_SCALE, S_RATIO = 0, 10  # ten RandomResizedCrop attempts each
-S_TOP, S_LEFT, S_FLIP, S_JITTER, S_FACTORS, S_ORDER, S_GRAY = 20, 21, 22, 23, 24, 28, 29
-S_RA_OP, S_RA_SIGN = 30, 40  # up to ten RandAugment ops each
-S_VIEW_CHOICE, S_EPOCH_ORDER, S_VIEW_LABEL = 1000, 1001, 1002
-S_IID_VIEW, S_MIX_BATCH = 1003, 1004  # i.i.d. view choice (view_pool.py); per-batch mixing (fastmem/mixing.py)
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -101,65 +113,6 @@ class AugmentSpec:
         return min(int(100 * self.strength), RA_BINS - 1)
 
 
-# ---- counter RNG: splitmix64 over int64 tensors (wrapping multiply, masked logical shifts) ----
-def _i64(value: int) -> int:
-    """The two's-complement int64 value of an integer taken modulo 2^64."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _M1, _M2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64: add the golden gamma, then the finalizer (a bijection of 64-bit words)."""
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _M1
-    x = (x ^ _shr(x, 27)) * _M2
-    return x ^ _shr(x, 31)
-
-
-def _mix_int(x: int) -> int:
-    """splitmix64 on a Python integer (same bits as `_mix`)."""
-    x = (x + 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return _i64(x ^ (x >> 31))
-
-
-def counter_bits(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int) -> torch.Tensor:
-    """64 hashed bits (int64) per broadcast (indices, view_ids, stream) key; pure function of its inputs."""
-    indices = torch.as_tensor(indices, dtype=torch.int64)
-    key = _mix_int(_i64(seed))
-    if isinstance(stream, int):
-        base: torch.Tensor | int = _mix_int(key + stream)
-    else:
-        base = _mix(torch.as_tensor(stream, dtype=torch.int64, device=indices.device) + key)
-    if not isinstance(view_ids, int):
-        view_ids = torch.as_tensor(view_ids, dtype=torch.int64, device=indices.device)
-    return _mix(_mix(indices + base) + view_ids)
-
-
-def counter_uniform(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int) -> torch.Tensor:
-    """Uniform float32 in [0, 1) with 24 random bits per key (exact on every device)."""
-    return _to_uniform(counter_bits(seed, indices, view_ids, stream))
-
-
-def counter_randint(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int, n: int) -> torch.Tensor:
-    """Integers in [0, n) (int64) per key."""
-    return _shr(counter_bits(seed, indices, view_ids, stream), 1) % n
-
-
-def _to_uniform(bits: torch.Tensor) -> torch.Tensor:
-    """Top 24 bits as a float32 in [0, 1)."""
-    return _shr(bits, 40).to(torch.float32) * (2.0**-24)
-
-
 # ---- view ids and labels ----
 def view_ids_for(spec: AugmentSpec, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     """View id per sample this epoch: a draw in [0, N) for fixed views, 0 for none, else the epoch."""
@@ -180,7 +133,7 @@ def view_targets(
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The (seed, epoch) shuffle of range(num_samples): sorted hash keys, the same on every device."""
-    keys = _shr(counter_bits(seed, torch.arange(num_samples, device=device), epoch, S_EPOCH_ORDER), 1)
+    keys = shr(counter_bits(seed, torch.arange(num_samples, device=device), epoch, S_EPOCH_ORDER), 1)
     return torch.argsort(keys, stable=True)
 
 
@@ -216,7 +169,7 @@ def sample_view_params(
     view_ids = torch.as_tensor(view_ids, dtype=torch.int64, device=dev).expand(b)
     streams = torch.arange(_STREAMS_USED[spec.kind], device=dev).unsqueeze(1)
     bits = counter_bits(seed, indices, view_ids, streams)  # (streams, B): one hash per stream
-    u = _to_uniform(bits)
+    u = to_uniform(bits)
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     crop = torch.stack([zero, zero, zero + height, zero + width], dim=1)
     flip = jitter = gray = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -235,10 +188,10 @@ def sample_view_params(
         lows = (1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3])
         highs = (1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3])
         factors = torch.stack([lo + (hi - lo) * u[S_FACTORS + i] for i, (lo, hi) in enumerate(zip(lows, highs))], 1)
-        order = _constant("orders", dev)[_shr(bits[S_ORDER], 1) % len(JITTER_ORDERS)]
+        order = _constant("orders", dev)[shr(bits[S_ORDER], 1) % len(JITTER_ORDERS)]
         gray = u[S_GRAY] < P_GRAY
     k = spec.num_ops
-    ra_ops = _shr(bits[S_RA_OP:S_RA_OP + k], 1).T % len(RA_OPS)
+    ra_ops = shr(bits[S_RA_OP:S_RA_OP + k], 1).T % len(RA_OPS)
     ra_magnitudes = torch.zeros(b, k, device=dev)
     if k:
         table = ra_magnitude_table(spec.magnitude, height, width).to(dev)

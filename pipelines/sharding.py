@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from fastmem.pipelines.params import epoch_permutation
 
 from fastmem.errors import fail
 
-from .params import epoch_permutation
-
 if TYPE_CHECKING:
-    from .contract import LoaderOptions
-    from .params import AugmentSpec
+    from fastmem.pipelines.contract import LoaderOptions
+    from fastmem.pipelines.params import AugmentSpec
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:

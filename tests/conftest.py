@@ -39,7 +39,7 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
 
 def assert_same_weights(run_a: Path, run_b: Path, epoch: int) -> None:
     """Both runs' checkpoints are at `epoch` and hold bit-identical model tensors."""
-    from fastmem.checkpoint import load_checkpoint
+    from fastmem.run.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(run_a / "checkpoint.pt"), load_checkpoint(run_b / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == epoch

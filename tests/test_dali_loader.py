@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fastmem.pipelines import LoaderOptions, make_loader
-from fastmem.pipelines.executor import apply_views
+from fastmem.pipelines.executors.reference import apply_views
 from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params
 from PIL import Image
 
@@ -24,7 +24,7 @@ from fastmem.data.synthetic import make_synthetic
 from fastmem.errors import FastmemError
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e .[dali])")
-from fastmem.pipelines.dali_loader import DaliLoader, import_dali  # noqa: E402
+from fastmem.pipelines.backends.dali import DaliLoader, import_dali  # noqa: E402
 
 EPS = 1e-5
 TOLERANCE = {  # mean |Δ| over all pixels (and max |Δ| where it is tight), in [0, 1] units

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from conftest import QUICK_RUN, REPO, assert_same_weights, run_module
 
 from fastmem.errors import FastmemError
-from fastmem.metrics import read_metrics
+from fastmem.run.metrics import read_metrics
 
 WORLD = 2
 RUN = ["--epochs", "2", "--augment", "full", "--probe-every", "0", "--checkpoint-every", "1"]
@@ -62,9 +62,9 @@ class _RecordingLoader:
 
 def _train_rank(rank: int, port: int, argv_per_rank: list[list[str]], report_dir: str) -> None:
     _join_group(rank, port)
-    import fastmem.train as trainer
-    from fastmem.config import parse_args
+    import fastmem.train.loop as trainer
     from fastmem.distributed import distributed_session
+    from fastmem.run.config import parse_args
 
     seen: dict[int, list[int]] = {}
     models: list[torch.nn.Module] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastmem.pipelines.executor import apply_views
+from fastmem.pipelines.executors.reference import apply_views
 from fastmem.pipelines.params import RA_OPS, AugmentSpec, ViewParams, sample_view_params, view_ids_for
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF

@@ -15,7 +15,7 @@ from conftest import REPO, run_module
 
 from fastmem.errors import FastmemError
 from fastmem.experiments import EXPERIMENTS, Experiment, Variant, plan_experiment
-from fastmem.metrics import read_metrics
+from fastmem.run.metrics import read_metrics
 
 TIMING_KEYS = {"images_per_s", "seconds"}
 

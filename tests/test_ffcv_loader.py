@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import run_module
 from fastmem.pipelines import LoaderOptions, make_loader
-from fastmem.pipelines.executor import apply_views
+from fastmem.pipelines.backends.ffcv import FfcvLoader
+from fastmem.pipelines.executors.reference import apply_views
 from fastmem.pipelines.ffcv import import_ffcv, main, write_beton
-from fastmem.pipelines.ffcv_loader import FfcvLoader
 from fastmem.pipelines.params import AugmentSpec, sample_view_params
 
 from fastmem.data import load_arrays

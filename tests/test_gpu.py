@@ -10,7 +10,7 @@ import torch
 from conftest import QUICK_RUN, run_module
 from fastmem.kernels import knn_classify
 
-from fastmem.metrics import read_metrics
+from fastmem.run.metrics import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU_RUN = [a if a != "cpu" else "cuda" for a in QUICK_RUN]

@@ -13,9 +13,9 @@ from fastmem.pipelines import ViewPool, make_loader
 from fastmem.pipelines.view_pool import iid_view_choice
 
 from fastmem.data.iid_views import build_iid_view_pool, reserve_same_class_images
+from fastmem.data.splits import load_run_splits
 from fastmem.errors import FastmemError
-from fastmem.metrics import read_metrics
-from fastmem.run_data import load_run_splits
+from fastmem.run.metrics import read_metrics
 
 
 def _labels(n: int = 600, classes: int = 5, seed: int = 0) -> np.ndarray:

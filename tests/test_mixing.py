@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import QUICK_RUN, run_module
 
-from fastmem.checkpoint import load_checkpoint
 from fastmem.errors import FastmemError
-from fastmem.metrics import read_metrics
-from fastmem.mixing import apply_batch_mix, check_mixing_knobs, draw_batch_mix, mix_batch
+from fastmem.run.checkpoint import load_checkpoint
+from fastmem.run.metrics import read_metrics
+from fastmem.train.mixing import apply_batch_mix, check_mixing_knobs, draw_batch_mix, mix_batch
 
 
 def _batch(b: int = 16, size: int = 12) -> torch.Tensor:

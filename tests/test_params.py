@@ -11,15 +11,13 @@ import torchvision.transforms as T
 from fastmem.pipelines.params import (
     RA_OPS,
     AugmentSpec,
-    counter_bits,
-    counter_randint,
-    counter_uniform,
     epoch_permutation,
     ra_magnitude_table,
     sample_view_params,
     view_ids_for,
     view_targets,
 )
+from fastmem.pipelines.rng import counter_bits, counter_randint, counter_uniform
 from torchvision.transforms import v2
 
 from fastmem.errors import FastmemError

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import QUICK_RUN, run_module
 
-from fastmem.checkpoint import save_checkpoint
 from fastmem.errors import FastmemError
-from fastmem.metrics import read_metrics
 from fastmem.models import EncoderProjector, create_model
-from fastmem.reinit import check_init_knobs, init_from_checkpoint, part_prefixes
+from fastmem.run.checkpoint import save_checkpoint
+from fastmem.run.metrics import read_metrics
+from fastmem.train.reinit import check_init_knobs, init_from_checkpoint, part_prefixes
 
 
 def _model(seed: int, name: str = "small_cnn", width: float = 0.25) -> EncoderProjector:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import QUICK_RUN, assert_same_weights, run_module
 
-from fastmem.checkpoint import load_checkpoint
-from fastmem.metrics import read_metrics
+from fastmem.run.checkpoint import load_checkpoint
+from fastmem.run.metrics import read_metrics
 
 
 def _train(*args: str):

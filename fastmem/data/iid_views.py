@@ -3,19 +3,46 @@
 Owns the table: for every training image (anchor) of a run, M images of the same *true* class drawn
 from the rest of the training split (never an anchor, so never the anchor itself), disjoint across
 anchors, seeded. The loaders get the reserved images and the table as a `ViewPool` and only gather
-by index (fastmem/pipelines/view_pool.py): each load of anchor i shows one of its M images, with
+by index (fastmem/pipelines/view_pool.py draws which one): each load of anchor i shows one of its M images, with
 the random label of anchor i and the augmentation of anchor i, scaled like any other input.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import NamedTuple
 
+import numpy as np
+import torch
+
+from fastmem.data.splits import RunSplits
 from fastmem.errors import fail
-from fastmem.pipelines.view_pool import ViewPool
-from fastmem.run_data import RunSplits
 
 IID_TABLE_SALT = 0x11D5  # keeps the reserved-image draw independent of the subset and probe draws
+
+
+class ViewPool(NamedTuple):
+    """Reserved images (uint8 NHWC) and, per training sample, the rows of its M reserved images."""
+
+    images: np.ndarray | torch.Tensor  # (P, H, W, C) uint8
+    rows: np.ndarray | torch.Tensor  # (N, M) int64 rows of `images`; row n holds sample n's views
+
+    @property
+    def views_per_sample(self) -> int:
+        return int(self.rows.shape[1])
+
+
+def check_view_pool(pool: ViewPool, num_samples: int, image_shape: tuple[int, ...]) -> None:
+    """Fail with one line when the pool does not fit `num_samples` images of shape (H, W, C)."""
+    images, rows = pool.images, pool.rows
+    uint8 = images.dtype == (torch.uint8 if isinstance(images, torch.Tensor) else np.uint8)
+    if not uint8 or tuple(images.shape[1:]) != tuple(image_shape):
+        fail(f"view pool images must be uint8 {tuple(image_shape)} like the training images, "
+             f"got {images.dtype} {tuple(images.shape[1:])}")
+    if rows.ndim != 2 or rows.shape[0] != num_samples or rows.shape[1] < 1:
+        fail(f"view pool rows must be (samples={num_samples}, M >= 1), got {tuple(rows.shape)}")
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= images.shape[0]):
+        fail(f"view pool rows must index its {images.shape[0]} images")
+
 
 
 def reserve_same_class_images(

@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_plan(runs, jobs=args.jobs, gpus=gpus)
     print(f"\n{summary_table(rows)}\n\ntook {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
-        from fastmem.report import write_report
+        from fastmem.report.render import write_report
 
         for sweep_dir in sweep_dirs:
             print(f"report: {write_report(sweep_dir, sweep_dir / 'report')}")

@@ -1,7 +1,7 @@
 """The sweep runner: expand an experiment into trainer runs, run what is missing, resume what was cut.
 
 Layout of an output folder:
-    OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train` run directory per distinct knob set
+    OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train.loop` run directory per distinct knob set
     OUT/<ID>/sweep.json         the experiment's plan: its variants and the run directory of each
 Identical knob sets (the clean-label reference, a run two experiments share) map to one directory,
 so they are trained once. A run with summary.json is finished and skipped; one with config.json but
@@ -26,15 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmem.config import TrainConfig, knob_type
 from fastmem.errors import fail
 from fastmem.experiments.specs import EXPERIMENTS, SCALE_BASE, SCALES, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
-from fastmem.metrics import read_metrics
+from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type
+from fastmem.run.metrics import read_metrics
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-# Knobs that do not change what a run computes: left out of its identity.
-EXECUTION_KNOBS = frozenset({"device", "threads", "workers", "progress", "out", "tensorboard", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
@@ -117,9 +115,9 @@ def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Ma
 
 def validate_plan(runs: Sequence[PlannedRun]) -> None:
     """Check every run's knobs and that its data is there, before any run starts."""
-    from fastmem.reinit import check_init_knobs
-    from fastmem.run_data import select_run_data
-    from fastmem.train import validate
+    from fastmem.data.splits import select_run_data
+    from fastmem.train.loop import validate
+    from fastmem.train.reinit import check_init_knobs
 
     checked: set[tuple[Any, ...]] = set()
     for run in runs:

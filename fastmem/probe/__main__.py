@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from fastmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastmem.config import load_run_config
+from fastmem.data.splits import select_run_data
 from fastmem.distributed import distributed_session, rank_device, rank_info
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, VOTES
 from fastmem.models import create_model
-from fastmem.run_data import select_run_data
+from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fastmem.run.config import load_run_config
 from fastmem.runtime import resolve_device, resolve_precision
 
 from . import EXTRACT_BACKENDS, TRT_ENGINE_DIR, EmbeddingCache, probe_knn
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastmem.probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="k-NN accuracy against the true labels at every probe point of a trained run.",
     )
-    parser.add_argument("run_dir", help="a fastmem.train run directory")
+    parser.add_argument("run_dir", help="a fastmem.train.loop run directory")
     parser.add_argument("--checkpoint", default=None, help="checkpoint to probe (default RUN_DIR/checkpoint.pt)")
     parser.add_argument("--untrained", action="store_true", help="probe the untrained network of the run (its seed's initialisation)")
     parser.add_argument("--layers", default="", help="comma-separated probe points (default: all)")

@@ -5,10 +5,9 @@ choice is made in one place."""
 from __future__ import annotations
 
 import torch
-
-from . import fused_cpu, fused_cuda
-from .executor import apply_views
-from .params import ViewParams
+from fastmem.pipelines.executors import fused_cpu, fused_cuda
+from fastmem.pipelines.executors.reference import apply_views
+from fastmem.pipelines.params import ViewParams
 
 
 def apply_views_fastest(

@@ -16,8 +16,7 @@ from typing import Any
 
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path
-from fastmem.metrics import read_metrics
-from fastmem.report_plots import (
+from fastmem.report.figures import (
     SweepRun,
     plot_capacity,
     plot_final_per_layer,
@@ -26,6 +25,7 @@ from fastmem.report_plots import (
     plot_knn_vs_epoch,
     plot_tradeoff,
 )
+from fastmem.run.metrics import read_metrics
 
 
 def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:

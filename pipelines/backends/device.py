@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from fastmem.pipelines.contract import Batch, LoaderOptions
+from fastmem.pipelines.executors.select import apply_views_fastest
+from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
+from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
+from fastmem.pipelines.view_pool import shown_pool_rows
 
-from .contract import Batch, LoaderOptions
-from .fastest import apply_views_fastest
-from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
-from .view_pool import ViewPool, shown_pool_rows
+from fastmem.data.iid_views import ViewPool
 
 Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 CUDA_VIEW_ELEMENTS = 1 << 26  # output values per executor call on CUDA (256 MB in fp32; ~22k views at 32 px)

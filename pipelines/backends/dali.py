@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastmem.pipelines.contract import Batch, LoaderOptions
+from fastmem.pipelines.executors.reference import GRAY_WEIGHTS
+from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
+from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 from fastmem.errors import fail
-
-from .contract import Batch, LoaderOptions
-from .executor import GRAY_WEIGHTS
-from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 DALI_MISSING = "the dali pipeline needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda120)"
 DALI_KINDS = ("none", "standard", "full")

@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastmem.pipelines.contract import Batch, LoaderOptions
+from fastmem.pipelines.executors.select import apply_views_fastest
+from fastmem.pipelines.ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
+from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
+from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 from fastmem.errors import fail
-
-from .contract import Batch, LoaderOptions
-from .fastest import apply_views_fastest
-from .ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
-from .params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer

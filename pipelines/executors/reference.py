@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+from fastmem.pipelines.params import RA_OPS, ViewParams
 from torchvision.transforms.v2 import functional as TF
-
-from .params import RA_OPS, ViewParams
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 

@@ -16,8 +16,11 @@ from typing import Any
 from fastmem.errors import fail
 
 
-def _knob(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _knob(default: Any, help: str, *, execution: bool = False, resumable: bool = False, **extra: Any) -> Any:
+    """A TrainConfig field. `execution`: how the run is executed, not what it computes (left out of its
+    identity, free to change on resume); `resumable`: part of its identity but free to change on resume."""
+    return field(default=default, metadata={"help": help, "execution": execution, "resumable": resumable or execution,
+                                            **extra})
 
 
 @dataclass
@@ -39,7 +42,7 @@ class TrainConfig:
     augment: str = _knob("full", "augmentation: none, standard (crop+flip), full (paper's SimCLR set), "
                          "strength:A (RandAugment, 0 <= A <= 1), fullfixed:N[:same|random] (N fixed views per image)")
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
-    workers: int = _knob(0, "DataLoader worker processes for the torch pipeline")
+    workers: int = _knob(0, "DataLoader worker processes for the torch pipeline", execution=True)
     iid_views: int = _knob(0, "i.i.d. views M (experiment G): each load of image i shows one of M reserved real images "
                            "of its true class from the rest of the training split, with i's random label "
                            "(0 = off; device and torch pipelines)")
@@ -60,16 +63,16 @@ class TrainConfig:
     lr: float = _knob(3e-4, "learning rate (constant)")
     momentum: float = _knob(0.9, "SGD momentum")
     weight_decay: float = _knob(0.0, "weight decay")
-    epochs: int = _knob(10, "number of epochs")
+    epochs: int = _knob(10, "number of epochs", resumable=True)
     # execution
-    device: str = _knob("auto", "auto, cpu or cuda[:N]")
+    device: str = _knob("auto", "auto, cpu or cuda[:N]", execution=True)
     precision: str = _knob("auto", "autocast: auto (bf16 where fast), bf16, fp16 (CUDA, grad scaler), fp32",
                            choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = _knob(True, "channels_last memory format for images and model")
     compile: bool = _knob(False, "torch.compile the model")
     sync_bn: bool = _knob(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only) instead "
                           "of each rank normalizing its own batch")
-    threads: int = _knob(0, "torch CPU threads (0 = torch's default)")
+    threads: int = _knob(0, "torch CPU threads (0 = torch's default)", execution=True)
     seed: int = _knob(0, "seed of initialisation, data order and augmentation")
     # probe
     probe_every: int = _knob(0, "k-NN probe every E epochs, plus the untrained net and the end (0 = start and end only, -1 = never)")
@@ -79,12 +82,12 @@ class TrainConfig:
     probe_project_dim: int = _knob(0, "random-project probe points wider than this to this dim (0 = exact; e.g. 4096 for B = 65,536)")
     extract_backend: str = _knob("eager", "probe embedding extraction: eager (PyTorch) or trt (a torch-tensorrt engine "
                                  "built at each probe; falls back to eager without torch-tensorrt or a GPU)",
-                                 choices=("eager", "trt"))
+                                 choices=("eager", "trt"), resumable=True)
     # output
-    out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)")
-    checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)")
-    tensorboard: bool = _knob(False, "also log metrics to TensorBoard in RUN_DIR/tb")
-    progress: bool = _knob(True, "show a progress bar")
+    out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)", execution=True)
+    checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)", execution=True)
+    tensorboard: bool = _knob(False, "also log metrics to TensorBoard in RUN_DIR/tb", execution=True)
+    progress: bool = _knob(True, "show a progress bar", execution=True)
     max_steps_per_epoch: int = _knob(0, "cap the steps of each epoch (0 = no cap; for quick tests)")
 
     def run_name(self) -> str:
@@ -113,9 +116,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         fail(f"{config_path}: unreadable run config ({err})")
 
 
-# Knobs that may change when resuming a run: they do not change what the run computes.
-RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "workers", "threads", "checkpoint_every", "tensorboard", "progress", "out",
-                                 "extract_backend"})
+# From the fields' metadata (one source): knobs left out of a run's identity, and knobs a resume may change.
+EXECUTION_KNOBS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["execution"])
+RESUMABLE_KNOBS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"])
 
 
 def _bool(text: str) -> bool:

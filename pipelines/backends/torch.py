@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from fastmem.pipelines.contract import Batch, LoaderOptions
+from fastmem.pipelines.executors.reference import apply_views
+from fastmem.pipelines.params import AugmentSpec, sample_view_params, view_ids_for, view_targets
+from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
+from fastmem.pipelines.view_pool import shown_pool_rows
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .contract import Batch, LoaderOptions
-from .executor import apply_views
-from .params import AugmentSpec, sample_view_params, view_ids_for, view_targets
-from .sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
-from .view_pool import ViewPool, shown_pool_rows
+from fastmem.data.iid_views import ViewPool
 
 
 class _ViewDataset(Dataset):

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmem.checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from fastmem.config import RESUMABLE_OVERRIDES, TrainConfig, load_run_config, parse_args
 from fastmem.data import ArrayDataset, canonical_name
 from fastmem.data.iid_views import build_iid_view_pool
 from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
+from fastmem.data.splits import load_run_splits
 from fastmem.distributed import (
     barrier,
     broadcast_buffers_from_main,
@@ -41,15 +40,22 @@ from fastmem.distributed import (
 )
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import write_json_atomic
-from fastmem.metrics import DiscardingMetricsLogger, MetricsLogger
-from fastmem.mixing import check_mixing_knobs, mix_batch
 from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
 from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, ViewPool, make_loader
 from fastmem.pipelines.view_pool import check_view_pool_pipeline
 from fastmem.probe import probe_knn
-from fastmem.reinit import check_init_knobs, init_from_checkpoint
-from fastmem.run_data import load_run_splits
+from fastmem.run.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fastmem.run.config import RESUMABLE_KNOBS, TrainConfig, load_run_config, parse_args
+from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger
 from fastmem.runtime import autocast, resolve_device, resolve_precision, set_cpu_threads
+from fastmem.train.mixing import check_mixing_knobs, mix_batch
+from fastmem.train.reinit import check_init_knobs, init_from_checkpoint
 
 
 @dataclass
@@ -106,13 +112,13 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
     run_dir = Path(resume)
     saved = load_run_config(run_dir)
     conflicting = sorted(
-        name for name in explicit - RESUMABLE_OVERRIDES if getattr(cfg, name) != getattr(saved, name)
+        name for name in explicit - RESUMABLE_KNOBS if getattr(cfg, name) != getattr(saved, name)
     )
     if conflicting:
         flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
-        allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUMABLE_OVERRIDES - {"out"}))
+        allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUMABLE_KNOBS - {"out"}))
         fail(f"{run_dir} was run with other values of {flags}; a resumed run may only change {allowed}")
-    overrides = {name: getattr(cfg, name) for name in explicit & RESUMABLE_OVERRIDES if name != "out"}
+    overrides = {name: getattr(cfg, name) for name in explicit & RESUMABLE_KNOBS if name != "out"}
     return dataclasses.replace(saved, out=str(run_dir), **overrides), run_dir, True
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fastmem.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fastmem.errors import fail
 from fastmem.models import EncoderProjector, create_model
+from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 HEAD_PARTS = ("head", "head_hidden", "head_out")
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
-
-from .executor import GRAY_WEIGHTS
+from fastmem.pipelines.executors.reference import GRAY_WEIGHTS
 
 try:  # Triton ships with CUDA builds of torch
     import triton

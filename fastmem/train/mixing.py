@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmem.errors import fail
-from fastmem.pipelines.params import S_MIX_BATCH, counter_bits
+from fastmem.pipelines.rng import S_MIX_BATCH, counter_bits
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from .executor import GRAY_WEIGHTS, to_nhwc
+from fastmem.pipelines.executors.reference import GRAY_WEIGHTS, to_nhwc
 
 try:  # optional dependency: `pip install -e .[ffcv]` brings numba
     import numba
