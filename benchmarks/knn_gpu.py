@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastmem.kernels.knn_cuda import cuda_available, knn_topk_cuda  # noqa: E402
+from fastmem.kernels.knn_cuda import knn_topk_cuda  # noqa: E402
+from fastmem.kernels.knn_cuda_launch import cuda_available  # noqa: E402
 from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         fail(f"unknown k-NN backend {backend!r}; use {', '.join(BACKENDS)}")
     if backend == "cuda" or (backend == "auto" and device.type == "cuda"):
-        from .knn_cuda import cuda_available
+        from .knn_cuda_launch import cuda_available
 
         if cuda_available():
             return "cuda"

@@ -1,7 +1,7 @@
 """Exact cosine k-NN on CUDA: cuBLAS similarity tiles merged by a streaming top-k kernel (CuPy).
 
-Owns the CUDA backend of `fastmem.kernels` (the dispatch in __init__ chooses it); the CPU and torch
-backends live elsewhere. For each chunk of references (the whole set when it is on the GPU; host
+Owns the CUDA backend's search of `fastmem.kernels` (the dispatch in __init__ chooses it); the kernel
+launches are in knn_cuda_launch.py, the CPU and torch backends elsewhere. For each chunk of references (the whole set when it is on the GPU; host
 tensors, arrays and memmaps stream through two pinned buffers, each copy overlapping the previous
 chunk's compute):
 
@@ -25,16 +25,19 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
+from fastmem.kernels.knn_cuda_launch import (
+    MISSING_MESSAGE,
+    CupyKernels,
+    KernelOps,
+    unavailable_reason,
+)
 
 from fastmem.errors import fail
 
-KERNEL_SOURCE = Path(__file__).with_name("knn_topk.cu")
-MISSING_MESSAGE = "CUDA k-NN needs CuPy and a GPU: pip install -e .[cuda12] or .[cuda13]"
 KMAX = 512  # TOPK_KMAX in knn_topk.cu: the longest running list a block keeps in shared memory
 SENTINEL = torch.iinfo(torch.int64).max  # index of an empty list slot (similarity -inf)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -42,7 +45,6 @@ GEMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
 _SUBNORMAL_HALF_STEP = {"fp32": 2.0**-150, "fp16": 2.0**-25, "bf16": 2.0**-134}
 _MARGIN = {"fp32": 32, "fp16": 128, "bf16": 384}  # extra candidates: the error band is wider in bf16
-_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 FALLBACK_ROWS = 1024  # queries per brute-force group (a grid dimension, at most 65535)
 HOST_CHUNK_BYTES = 512 << 20
 
@@ -94,121 +96,6 @@ def tiles(n: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
     even = -(-n // -(-n // tile))  # n split into ceil(n / tile) near-equal parts
     size = min(tile, -(-even // align) * align)
     return [(start, min(size, n - start)) for start in range(0, n, size)]
-
-
-class KernelOps(Protocol):
-    """The device kernels the search launches: CupyKernels on CUDA, a torch stand-in in CPU tests."""
-
-    def inv_norms(self, x: torch.Tensor) -> torch.Tensor: ...
-    def scale_rows(self, x: torch.Tensor, row0: int, n_valid: int, inv: torch.Tensor, out: torch.Tensor) -> None: ...
-    def topk_tile(self, sims: torch.Tensor, n_cols: int, col_offset: int, best_v: torch.Tensor,
-                  best_i: torch.Tensor, row0: int) -> None: ...
-    def rerank(self, qhat: torch.Tensor, ref: torch.Tensor, ref_inv: torch.Tensor, ref_start: int,
-               cand: torch.Tensor) -> torch.Tensor: ...
-    def exact_tile(self, qhat: torch.Tensor, qids: torch.Tensor, ref: torch.Tensor, ref_inv: torch.Tensor,
-                   row0: int, n_cols: int, out: torch.Tensor) -> None: ...
-
-
-@functools.lru_cache(maxsize=1)
-def _unavailable_reason() -> str:
-    """'' when CuPy imports, torch and CuPy see a GPU and the kernels compile; else why not."""
-    try:
-        import cupy
-
-        if not torch.cuda.is_available() or cupy.cuda.runtime.getDeviceCount() < 1:
-            return "no CUDA device"
-        with cupy.cuda.Device(torch.cuda.current_device()):
-            _module().get_function("topk_tile_f32")
-        return ""
-    except Exception as err:  # any failure (no CuPy, no driver, no NVRTC) means "not usable"
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
-def cuda_available() -> bool:
-    """Whether the CUDA k-NN can run here (CuPy, a usable GPU, kernels that compile); never raises."""
-    return _unavailable_reason() == ""
-
-
-@functools.lru_cache(maxsize=1)
-def _module() -> Any:
-    import cupy
-
-    return cupy.RawModule(code=KERNEL_SOURCE.read_text())
-
-
-class _StreamHandle:
-    """A raw stream pointer under the CUDA stream protocol (for cupy.cuda.Stream.from_external)."""
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.ptr)
-
-
-class CupyKernels:
-    """Launches the knn_topk.cu kernels on torch tensors (zero-copy DLPack) in torch's current stream."""
-
-    def __init__(self, device: torch.device) -> None:
-        import cupy
-
-        self._cp, self._device = cupy, device
-        self._kernels: dict[str, Any] = {}
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """CuPy's device and current stream set to torch's, so launches are ordered with torch's work."""
-        ptr = torch.cuda.current_stream(self._device).cuda_stream
-        from_external = getattr(self._cp.cuda.Stream, "from_external", None)  # CuPy >= 14
-        stream = from_external(_StreamHandle(ptr)) if from_external else self._cp.cuda.ExternalStream(ptr)
-        with self._cp.cuda.Device(self._device.index), stream:
-            yield
-
-    def _arg(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):  # CuPy has no bfloat16: 16-bit data travels as raw bits
-            bits = value.view(torch.int16) if value.dtype in (torch.float16, torch.bfloat16) else value
-            return self._cp.from_dlpack(bits)
-        return value
-
-    def _launch(self, name: str, grid: tuple[int, ...], block: int, *args: Any) -> None:
-        kernel = self._kernels.get(name)
-        if kernel is None:
-            kernel = self._kernels[name] = _module().get_function(name)
-        kernel(grid, (block,), tuple(self._arg(a) for a in args))
-
-    def inv_norms(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-        if x.shape[0]:
-            self._launch(f"inv_norms_{_SUFFIX[x.dtype]}", (-(-x.shape[0] // 8),), 256,
-                         x, np.int64(x.shape[0]), np.int32(x.shape[1]), out)
-        return out
-
-    def scale_rows(self, x: torch.Tensor, row0: int, n_valid: int, inv: torch.Tensor, out: torch.Tensor) -> None:
-        if out.shape[0]:
-            self._launch(f"scale_rows_{_SUFFIX[x.dtype]}_{_SUFFIX[out.dtype]}", (out.shape[0],), 128,
-                         x, np.int64(row0), np.int64(n_valid), inv, out, np.int32(x.shape[1]))
-
-    def topk_tile(self, sims: torch.Tensor, n_cols: int, col_offset: int, best_v: torch.Tensor,
-                  best_i: torch.Tensor, row0: int) -> None:
-        if sims.shape[0]:
-            self._launch(f"topk_tile_{_SUFFIX[sims.dtype]}", (sims.shape[0],), 128, sims, np.int64(sims.shape[1]),
-                         np.int32(n_cols), np.int64(col_offset), best_v, best_i, np.int32(best_v.shape[1]),
-                         np.int64(row0))
-
-    def rerank(self, qhat: torch.Tensor, ref: torch.Tensor, ref_inv: torch.Tensor, ref_start: int,
-               cand: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(cand.shape, device=cand.device, dtype=torch.float32)
-        if cand.numel():
-            self._launch(f"rerank_{_SUFFIX[ref.dtype]}", (cand.shape[0],), 256, qhat, np.int32(qhat.shape[1]), ref,
-                         ref_inv, np.int64(ref_start), np.int64(ref.shape[0]), cand, np.int32(cand.shape[1]), out)
-        return out
-
-    def exact_tile(self, qhat: torch.Tensor, qids: torch.Tensor, ref: torch.Tensor, ref_inv: torch.Tensor,
-                   row0: int, n_cols: int, out: torch.Tensor) -> None:
-        if qids.numel() and n_cols:
-            self._launch(f"exact_tile_{_SUFFIX[ref.dtype]}", (-(-n_cols // 8), qids.shape[0]), 256, qhat, qids,
-                         np.int64(0), np.int32(qhat.shape[1]), ref, ref_inv, np.int64(row0), np.int32(n_cols),
-                         out, np.int64(out.shape[1]))
 
 
 @contextmanager
@@ -467,7 +354,7 @@ def knn_topk_cuda(
     `reference` may be a CUDA tensor (used in place), a CPU tensor, an array or a memmap (streamed in
     chunks of `host_chunk` rows); `precision` picks the GEMM dtype, all giving the same exact result.
     """
-    reason = _unavailable_reason()
+    reason = unavailable_reason()
     if reason:
         fail(f"{MISSING_MESSAGE} ({reason})")
     if precision not in PRECISIONS:

@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fastmem.kernels import knn_cuda, knn_torch
+from fastmem.kernels import knn_cuda_launch, knn_torch
 from fastmem.kernels.knn_cuda import (
-    KERNEL_SOURCE,
     KMAX,
     band_misses,
-    cuda_available,
     error_bound,
     knn_topk_cuda,
     merge_topk,
     search,
     tiles,
 )
+from fastmem.kernels.knn_cuda_launch import KERNEL_SOURCE, cuda_available
 from sklearn.neighbors import NearestNeighbors
 
 from fastmem.errors import FastmemError
@@ -356,11 +355,11 @@ def test_cupy_launches_match_the_kernel_signatures(monkeypatch: pytest.MonkeyPat
         from_dlpack=lambda t: t,
         RawModule=lambda **_: types.SimpleNamespace(get_function=lambda name: _FakeKernel(name, signatures)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(knn_cuda, "_module", lambda: fake.RawModule())
+    monkeypatch.setattr(knn_cuda_launch, "_module", lambda: fake.RawModule())
     reference, queries, sims, order = _tied_data(n=700, nq=30)
     for precision in ("fp32", "fp16", "bf16"):
         for source in (torch.from_numpy(reference).bfloat16(), reference.astype(np.float16)):
-            got = search(source, queries, 25, knn_cuda.CupyKernels(torch.device("cpu")), device=torch.device("cpu"),
+            got = search(source, queries, 25, knn_cuda_launch.CupyKernels(torch.device("cpu")), device=torch.device("cpu"),
                          precision=precision, ref_tile=256, query_tile=16, host_chunk=300)
             assert np.array_equal(got[1].numpy(), order[:, :25])
 
