@@ -3,7 +3,7 @@
 Used by train_step.py. Trains a model for a few steps on batches from `make_loader` (the full
 augmentation, synthetic images) and splits the wall time of each step into waiting for the next batch
 (`next(loader)`, plus, on CUDA, the loader's kernels until a synchronize) and the step itself
-(forward, MSE, backward, Adam, synchronize). On CPU the loader and the model share the cores, so the
+(the trainer's `train_step`: forward, MSE, backward, Adam; then a synchronize). On CPU the loader and the model share the cores, so the
 wait is the loader's whole cost; on a GPU it is what the loader fails to hide.
 """
 
@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastmem.pipelines import make_loader
 
 from fastmem.errors import FastmemError
 from fastmem.models import create_model
-from fastmem.runtime import autocast
+from fastmem.train import train_step
 
 # (row label, pipeline, DataLoader workers)
 PIPELINES: tuple[tuple[str, str, int], ...] = (
@@ -71,13 +70,7 @@ def measure_loader_wait(
             views = next(batches)
         _synchronize(device)
         ready = time.perf_counter()
-        with autocast(device, dtype):
-            output = model(views.images)
-        loss = F.mse_loss(output.float(), F.one_hot(views.targets, output.shape[1]).float())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, optimizer, scaler, views.images, views.targets, "mse", device, dtype)  # the trainer's step
         _synchronize(device)
         if index >= warmup:
             waited += ready - started

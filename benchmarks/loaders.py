@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastmem.pipelines import make_loader  # noqa: E402
+from fastmem.pipelines import PIPELINE_NAMES, make_loader  # noqa: E402
 from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 from fastmem.data.synthetic import make_synthetic  # noqa: E402
@@ -35,13 +35,11 @@ BASELINE = "torchvision v2 DataLoader (2 workers)"
 # (row label, pipeline, workers): the baseline first; `workers` only matters to DataLoaders. The
 # baseline is the reference implementation's kind of loader: torchvision's own per-sample v2
 # transforms drawing their own randomness (not our sampler), in a plain DataLoader.
+# Every registered pipeline gets a row (the torch DataLoader also with 2 workers, as the baseline).
 BACKENDS = (
     (BASELINE, "torchvision-v2", 2),
     ("torch (2 workers)", "torch", 2),
-    ("torch (0 workers)", "torch", 0),
-    ("device", "device", 0),
-    ("dali", "dali", 0),
-    ("ffcv", "ffcv", 0),
+    *((f"{name} (0 workers)" if name == "torch" else name, name, 0) for name in PIPELINE_NAMES),
 )
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, machine_label  # noqa: E402
 
 from fastmem.data.labels import load_labels  # noqa: E402
-from fastmem.run.metrics import read_metrics  # noqa: E402
+from fastmem.run.metrics import RunRecords  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,11 +70,11 @@ def run_case(preset: dict[str, Any], model: tuple[str, float, int], views: int, 
     started = time.perf_counter()
     log = open(workdir / f"{run_dir.name}.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    records: list[dict[str, Any]] = []
+    records: list[Mapping[str, Any]] = []
     reached = None
     while process.poll() is None:
         time.sleep(0.5)
-        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train_acc_random" in r]
+        records = RunRecords.read(run_dir).fits
         reached = next((r["epoch"] for r in records if r["train_acc_random"] >= target), None)
         if reached is not None or sum(r["seconds"] for r in records) >= preset["budget_s"]:
             os.killpg(process.pid, signal.SIGTERM)

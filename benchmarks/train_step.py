@@ -2,7 +2,7 @@
 
 Claim checked: ResNet-18 CIFAR (+ projector B = 65,536) trains ≥ 2.5× faster per step with
 channels_last + bf16 than in fp32 NCHW on a GPU (DESIGN.md). Measures images/s of full training
-steps (forward, MSE on one-hot, backward, Adam) on resident random inputs — the model alone, no
+steps (the trainer's `train_step`: forward, MSE on one-hot, backward, Adam) on resident random inputs — the model alone, no
 loader — for each configuration side by side in one run, and prints ratios to fp32 NCHW. Then, for
 each pipeline installed (device, torch, dali, ffcv), the share of the training loop spent waiting for
 the next batch of the full augmentation (loader_wait.py): is training ever starved?
@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader_wait import PIPELINES, loader_wait_rows  # noqa: E402
 from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 from fastmem.models import create_model  # noqa: E402
-from fastmem.runtime import autocast, set_cpu_threads  # noqa: E402
+from fastmem.runtime import set_cpu_threads  # noqa: E402
+from fastmem.train import train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,16 +55,10 @@ def measure(model_name: str, bottleneck: int, batch: int, steps: int, warmup: in
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step_model = torch.compile(model) if compile_model else model
     images = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    targets = F.one_hot(torch.randint(0, 10, (batch,), device=device), 10).float()
+    targets = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with autocast(device, dtype):
-            output = step_model(images)
-        loss = F.mse_loss(output.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(step_model, optimizer, scaler, images, targets, "mse", device, dtype)  # the trainer's own step
 
     for _ in range(warmup):
         step()

@@ -1,4 +1,8 @@
-"""Device and precision resolution: which device to run on and which autocast dtype to use."""
+"""How a run executes: which device, which autocast dtype, and the registries of those choices.
+
+The registries here (`PRECISIONS`, `EXTRACT_BACKENDS`) sit low in the import order so that the run's
+config (fastmem/run/config.py) can take its choices from them without importing the probe or trainer.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import torch
 
 from fastmem.errors import fail
 
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # resolve_precision maps each to a dtype
+# How the probe embeds images: eager (the model's own forward) or trt (a torch-tensorrt engine of it);
+# fastmem/probe/trt_extract.py holds one forward builder per name.
+EXTRACT_BACKENDS: tuple[str, ...] = ("eager", "trt")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,7 @@ import torch
 from fastmem.errors import fail
 
 from .knn_torch import knn_topk as knn_topk_torch
-from .vote import VOTES, knn_vote
+from .vote import DEFAULT_K, DEFAULT_TEMPERATURE, VOTES, check_vote, knn_vote
 
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "cuda", "torch")
 
@@ -78,21 +78,20 @@ def knn_classify(
     reference: torch.Tensor | np.ndarray,
     reference_labels: torch.Tensor | np.ndarray,
     queries: torch.Tensor | np.ndarray,
-    k: int = 20,
+    k: int = DEFAULT_K,
     vote: str = "majority",
-    temperature: float = 0.07,
+    temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
     *,
     device: str | torch.device | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Predicted class per query by cosine k-NN: majority vote (paper) or exp(sim/T)-weighted (DINO)."""
-    if vote not in VOTES:
-        fail(f"unknown vote {vote!r}; use majority or weighted")
+    check_vote(vote)  # before the search: a bad vote fails fast
     labels = _as_tensor(reference_labels).to(torch.int64)
     similarities, indices = knn_topk(reference, queries, k, device=device, backend=backend)
     classes = int(num_classes or int(labels.max()) + 1)
     return knn_vote(similarities, indices, labels, classes, vote, temperature)
 
 
-__all__ = ["BACKENDS", "VOTES", "knn_classify", "knn_topk", "knn_vote", "resolve_backend"]
+__all__ = ["BACKENDS", "DEFAULT_K", "DEFAULT_TEMPERATURE", "VOTES", "knn_classify", "knn_topk", "knn_vote", "resolve_backend"]

@@ -1,12 +1,43 @@
-"""The k-NN vote over top-k neighbours, shared by every k-NN backend (runs where the tensors are)."""
+"""The k-NN vote over top-k neighbours, shared by every k-NN backend (runs where the tensors are).
+
+Owns the registry of votes (`VOTE_WEIGHTS`, names in `VOTES`) and the probe's defaults `DEFAULT_K` and
+`DEFAULT_TEMPERATURE`: the trainer's config, the probe and its CLI take their choices and defaults here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from fastmem.errors import fail
 
-VOTES: tuple[str, ...] = ("majority", "weighted")
+DEFAULT_K = 20  # neighbours per query (paper)
+DEFAULT_TEMPERATURE = 0.07  # T of the weighted vote's exp(sim/T) (DINO)
+
+
+def majority_weights(similarities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Every neighbour counts once (paper)."""
+    return torch.ones_like(similarities)
+
+
+def temperature_weights(similarities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A neighbour counts exp(sim/T) (DINO)."""
+    return torch.exp(similarities.float() / temperature)
+
+
+# vote name → the weight of each neighbour from its similarity and the temperature
+VOTE_WEIGHTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "majority": majority_weights,
+    "weighted": temperature_weights,
+}
+VOTES: tuple[str, ...] = tuple(VOTE_WEIGHTS)
+
+
+def check_vote(vote: str) -> None:
+    """Fail with one line on a vote that is not registered."""
+    if vote not in VOTE_WEIGHTS:
+        fail(f"unknown vote {vote!r}; use {' or '.join(VOTES)}")
 
 
 def knn_vote(
@@ -15,16 +46,15 @@ def knn_vote(
     reference_labels: torch.Tensor,
     num_classes: int,
     vote: str = "majority",
-    temperature: float = 0.07,
+    temperature: float = DEFAULT_TEMPERATURE,
 ) -> torch.Tensor:
     """Class per query from its neighbours: unweighted majority (paper) or exp(sim/T) weights (DINO).
 
     A tie between classes goes to the smaller class index (argmax returns the first maximum).
     """
-    if vote not in VOTES:
-        fail(f"unknown vote {vote!r}; use majority or weighted")
+    check_vote(vote)
     labels = reference_labels.to(indices.device, torch.int64)[indices]
-    weights = torch.ones_like(similarities) if vote == "majority" else torch.exp(similarities.float() / temperature)
+    weights = VOTE_WEIGHTS[vote](similarities, temperature)
     scores = torch.zeros(indices.shape[0], num_classes, device=indices.device, dtype=weights.dtype)
     scores.scatter_add_(1, labels, weights)
     return scores.argmax(dim=1)

@@ -6,8 +6,9 @@ sample indices and view ids; it has `len()` (batches per epoch on its rank), `se
 and `num_views`. Its order is `sharding.epoch_order` split by `sharding.shard`, and its views are
 the parameters of `params.sample_view_params` executed on the images, so everything is a
 deterministic function of (seed, epoch) and equal across backends up to the executor's tolerance.
-Backends are built as `Backend(images, targets, options)` from uint8 NHWC images (numpy or torch),
-int64 targets and a `LoaderOptions`.
+Backends are built as `Backend(images, targets, options, **backend_options)` from uint8 NHWC images
+(numpy or torch), int64 targets and a `LoaderOptions`; they derive from `backends.base.EpochLoader`,
+and registry.py declares what each executes and which backend options it takes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class LoaderOptions:
     workers: int = 0  # host worker processes, for backends that have them
     channels_last: bool = True
     dtype: torch.dtype = torch.float32
-    num_classes: int = 0  # classes of the per-view labels; 0 = max(targets) + 1
+    num_classes: int = 0  # classes of the per-view labels; 0 = max(targets) + 1 (backends/base.py)
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -1,12 +1,13 @@
 """FFCV `.beton` files for every fastmem source, and their CLI: `python -m fastmem.pipelines.ffcv write ...`.
 
-Owns the on-disk layout the `ffcv` backend reads (`ffcv_loader.py`): an `image` field holding each
-sample's uint8 H×W×C pixels and a `label` field holding its true label, in source order, so sample
-index i of the file is sample i of `fastmem.data.load_arrays(name, split, data_dir)`. Pixels are
-stored raw (NDArrayField: identical to what every other backend sees) or, for 3-channel sources on
-request, as JPEG (RGBImageField: smaller files, decoded by FFCV on CPU). Image folders go through
-the source's own decode and resize, so every backend trains on the same pixels. Augmentation is not
-stored: the loader executes the shared sampler's parameters.
+Owns the on-disk layout the `ffcv` backend reads (backends/ffcv.py; `make_loader("ffcv", "x.beton")`
+reads an existing file): an `image` field holding each sample's uint8 H×W×C pixels and a `label`
+field holding its true label, in source order, so sample index i of the file is sample i of
+`fastmem.data.load_arrays(name, split, data_dir)`. Pixels are stored raw (NDArrayField: identical to
+what every other backend sees) or, for 3-channel sources on request, as JPEG (RGBImageField:
+smaller files, decoded by FFCV on CPU). Image folders go through the source's own decode and
+resize, so every backend trains on the same pixels. Augmentation is not stored: the loader executes
+the shared sampler's parameters.
 
 (This module's name shadows nothing: `import ffcv` below is absolute and finds the FFCV package.)
 """

@@ -40,7 +40,16 @@ from fastmem.pipelines.rng import (
 
 from fastmem.errors import fail
 
-AUGMENT_NAMES: tuple[str, ...] = ("none", "standard", "full")
+# The ops of each augmentation kind, in execution order: declared here once. Executors (executors/*.OPS)
+# and backends (registry.py) declare the ops they implement; a kind runs only where every op is implemented.
+AUGMENT_OPS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "standard": ("pad_crop", "flip"),  # reflect-pad by H//8 and crop H×W (a translation), horizontal flip
+    "full": ("resized_crop", "flip", "color_jitter", "grayscale"),  # SimCLR's set without blur
+    "strength": ("randaugment",),  # RandAugment at strength A (`strength:A`)
+}
+AUGMENT_KINDS: tuple[str, ...] = tuple(AUGMENT_OPS)
+AUGMENT_NAMES: tuple[str, ...] = tuple(kind for kind in AUGMENT_KINDS if kind != "strength")  # bare-word specs
 AUGMENT_FORMS = "none, standard, full, strength:A (0 ≤ A ≤ 1), fullfixed:N[:same|random]"
 
 CROP_SCALE = (0.08, 1.0)
@@ -103,6 +112,11 @@ class AugmentSpec:
         return self.views if self.fixed else (1 if self.kind == "none" else None)
 
     @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops a view of this spec runs (AUGMENT_OPS of its kind)."""
+        return AUGMENT_OPS[self.kind]
+
+    @property
     def num_ops(self) -> int:
         """RandAugment ops per view: int(A·10//3 + 1) (0 unless kind == "strength")."""
         return int(self.strength * 10 // 3 + 1) if self.kind == "strength" else 0
@@ -156,6 +170,11 @@ class ViewParams:
 
     def __len__(self) -> int:
         return int(self.crop.shape[0])
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops these views run (AUGMENT_OPS of their kind): what an executor must implement."""
+        return AUGMENT_OPS[self.kind]
 
 
 def sample_view_params(

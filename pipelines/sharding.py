@@ -1,4 +1,4 @@
-"""Sample order per epoch and its split across DDP ranks, shared by every backend.
+"""Sample order per epoch and its split across DDP ranks, shared by every backend (via backends/base.py).
 
 Owns the (seed, epoch) permutation (the same on every rank and device, from the counter RNG),
 the strided split into `world` shards and the batch count per rank. With drop_last every rank
@@ -9,16 +9,10 @@ global step has fewer samples than ranks (0 < N mod (world·batch) < world).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from fastmem.pipelines.params import epoch_permutation
 
 from fastmem.errors import fail
-
-if TYPE_CHECKING:
-    from fastmem.pipelines.contract import LoaderOptions
-    from fastmem.pipelines.params import AugmentSpec
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -64,27 +58,3 @@ def batch_bounds(num_samples: int, batch_size: int, rank: int, world: int, drop_
     count = batches_per_epoch(num_samples, batch_size, rank, world, drop_last)
     return [(k * batch_size, min((k + 1) * batch_size, size)) for k in range(count)]
 
-
-class EpochLoader:
-    """What every backend shares: the epoch knob, views per sample, and batches per epoch.
-
-    A backend sets `options`, `spec` and `num_samples` (and `epoch = 0`) in its constructor.
-    """
-
-    options: LoaderOptions
-    spec: AugmentSpec
-    num_samples: int
-    epoch: int = 0
-
-    @property
-    def num_views(self) -> int | None:
-        """Views per sample: N for fixed views, 1 for none, None for a fresh view every epoch."""
-        return self.spec.num_views
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and views the next iteration yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        o = self.options
-        return batches_per_epoch(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)

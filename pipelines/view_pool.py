@@ -4,24 +4,14 @@ Owns the per-load choice among a `ViewPool`'s images (the pool itself, and which
 reserved for which sample, belong to the data it is drawn from: fastmem/data/iid_views.py): a
 uniform draw in [0, M) from the counter RNG keyed by (seed, sample, epoch) on its own stream, as
 fixed-n views choose their view. Backends only gather the chosen rows and execute the augmentation
-parameters of sample i on them, so the shown image is scaled exactly like any other input.
+parameters of sample i on them, so the shown image is scaled exactly like any other input. Which
+backends take a view pool is declared in registry.py (`PipelineEntry.view_pool`).
 """
 
 from __future__ import annotations
 
 import torch
 from fastmem.pipelines.rng import S_IID_VIEW, counter_randint
-
-from fastmem.errors import fail
-
-# Backends that gather pool rows; the others refuse a view pool with one line.
-VIEW_POOL_PIPELINES: tuple[str, ...] = ("device", "torch")
-
-
-def check_view_pool_pipeline(pipeline: str) -> None:
-    """One line when `pipeline` cannot show i.i.d. views."""
-    if pipeline not in VIEW_POOL_PIPELINES:
-        fail(f"--iid-views is supported by the {' and '.join(VIEW_POOL_PIPELINES)} pipelines, not {pipeline!r}")
 
 
 def iid_view_choice(seed: int, epoch: int, indices: torch.Tensor, views_per_sample: int) -> torch.Tensor:

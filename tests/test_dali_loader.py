@@ -1,6 +1,6 @@
 """The dali backend executes the sampler's parameters: geometry exact, colour within the stated tolerances.
 
-Tolerances are those of pipelines/dali_loader.py's docstring (DALI's fused colour ops clamp once and
+Tolerances are those of pipelines/backends/dali.py's docstring (DALI's fused colour ops clamp once and
 rotate hue in YIQ; torchvision clamps after each op and shifts hue in HSV). Runs CPU-only (`device_id=None`).
 """
 
@@ -132,12 +132,16 @@ def test_epochs_are_deterministic_and_an_early_break_leaves_no_stale_batch() -> 
     assert not torch.equal(next(iter(loader)).indices, first[0].indices)
 
 
-def test_image_files_decode_to_the_same_views_as_the_array_source(tmp_path: Path) -> None:
-    images = _synthetic(24, 40)
+def _image_folder(root: Path, images: np.ndarray) -> None:
+    """An ImageFolder tree: root/train/class{i % 2}/{i}.png."""
     for i, image in enumerate(images):
-        folder = tmp_path / "train" / f"class{i % 2}"
+        folder = root / "train" / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_image_files_decode_to_the_same_views_as_the_array_source(tmp_path: Path) -> None:
+    _image_folder(tmp_path, _synthetic(24, 40))
     files = load_imagefolder(tmp_path, "train")
     arrays = decode_files(files, 32)  # the arrays every other backend gets: PIL bilinear to 32×32
     options = LoaderOptions(spec=AugmentSpec.parse("standard"), batch_size=8, seed=3, drop_last=False)
@@ -146,6 +150,24 @@ def test_image_files_decode_to_the_same_views_as_the_array_source(tmp_path: Path
     for f, a in zip(from_files, from_arrays, strict=True):
         assert torch.equal(f.indices, a.indices) and torch.equal(f.targets, a.targets)
         assert float((f.images - a.images).abs().mean()) <= 2 / 255  # DALI's resize vs PIL's, one rounding each
+
+
+def test_make_loader_hands_an_image_folder_or_file_list_to_dalis_decoder(tmp_path: Path) -> None:
+    _image_folder(tmp_path, _synthetic(24, 40))
+    files = load_imagefolder(tmp_path, "train")
+    kwargs = dict(augment="standard", batch_size=8, seed=3, drop_last=False)
+    from_folder = make_loader("dali", str(tmp_path), image_size=32, **kwargs)
+    from_list = make_loader("dali", files, image_size=32, **kwargs)
+    direct = DaliLoader(files, files.labels, LoaderOptions(spec=AugmentSpec.parse("standard"), batch_size=8, seed=3,
+                                                           drop_last=False), image_size=32)
+    assert from_folder.files == from_list.files == files.files and from_folder.size == (32, 32)
+    for a, b, c in zip(from_folder, from_list, direct, strict=True):
+        assert torch.equal(a.indices, c.indices) and torch.equal(a.targets, c.targets)
+        assert torch.equal(a.images, c.images) and torch.equal(b.images, c.images)
+    with pytest.raises(FastmemError, match="the dali pipeline has no option 'beton'; it takes image_size, channels"):
+        make_loader("dali", files, beton="x.beton", **kwargs)
+    with pytest.raises(FastmemError, match="dali option image_size= must be int, got str '32'"):
+        make_loader("dali", files, image_size="32", **kwargs)
 
 
 def test_a_corrupt_image_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -157,8 +179,11 @@ def test_a_corrupt_image_file_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_randaugment_and_missing_dali_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(FastmemError, match="executes none, standard, full and fullfixed views, not strength:0.5"):
+    with pytest.raises(FastmemError, match=r"the dali pipeline does not execute strength:0.5 \(randaugment\); "
+                                           "use --pipeline device, torch or ffcv"):
         make_loader("dali", _synthetic(32, 8), np.zeros(32, dtype=np.int64), augment="strength:0.5", batch_size=8)
+    with pytest.raises(FastmemError, match="does not execute strength:0.5"):  # built directly: the same check
+        _loader(_synthetic(32, 8), "strength:0.5", batch_size=8)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(FastmemError, match=r"pip install -e \.\[dali\]") as err:
         import_dali()

@@ -1,25 +1,80 @@
-"""The main job runs end to end (tiny settings), prints the per-layer table and writes its plot."""
+"""The main job: its runs are the spec MAIN_JOB through the sweep runner, with today's exact knobs; it runs end to
+end (tiny settings), prints the per-layer table, writes its plot, and shares run directories with the experiments CLI."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from conftest import run_module
 
+from fastmem.experiments.demo import build_parser, plan_main_job
+from fastmem.experiments.sweep import train_command
+from fastmem.run.config import parse_args
+
+# The trainer command of each main-job run before the demo became a spec (it had its own runner); a change of
+# SCALE_BASE["cpu"] or MAIN_JOB that would silently change what `make demo` computes fails here.
+TODAYS_DEMO_COMMAND = [
+    "--dataset", "fashion-mnist", "--subset", "5000", "--probe-subset", "2000", "--epochs", "100", "--probe-every", "20",
+    "--label-noise", "1", "--label-seed", "0", "--seed", "0", "--model", "small_cnn", "--width", "0.5",
+    "--bottleneck-dim", "4096", "--batch-size", "256", "--loss", "mse", "--optimizer", "adam", "--lr", "3e-4",
+    "--device", "cpu", "--precision", "fp32", "--threads", "1", "--progress", "false", "--checkpoint-every", "10",
+]
+RUN_DIRS = {"full": "augmentfull-label_noise1.0-d422bc759b", "none": "augmentnone-label_noise1.0-4cfb5d740a"}
+
+
+def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path) -> None:
+    runs = plan_main_job(build_parser().parse_args(["--out", str(tmp_path)]))
+    assert [r.variant.label for r in runs] == ["full augmentation", "no augmentation"]
+    for run, augment in zip(runs, ("full", "none")):
+        expected, _, _ = parse_args([*TODAYS_DEMO_COMMAND, "--augment", augment, "--out", str(run.run_dir)])
+        assert run.config == expected
+        assert run.run_dir == tmp_path / "runs" / RUN_DIRS[augment]  # finished demo runs stay found
+        started, _, _ = parse_args(train_command(run, threads=1)[3:])  # what the sweep runner starts
+        assert started == expected
+
+
+def test_demo_flags_override_only_their_knobs(tmp_path: Path) -> None:
+    default = plan_main_job(build_parser().parse_args(["--out", str(tmp_path)]))
+    changed = plan_main_job(build_parser().parse_args(["--out", str(tmp_path), "--seed", "3", "--epochs", "7"]))
+    for before, after in zip(default, changed):
+        old, new = before.config.to_dict(), after.config.to_dict()
+        assert {name for name in old if old[name] != new[name]} == {"seed", "label_seed", "epochs", "out"}
+        assert (new["seed"], new["label_seed"], new["epochs"]) == (3, 3, 7)
+
+
+TINY = ("--dataset", "synthetic", "--subset", "256", "--probe-subset", "200", "--epochs", "2", "--probe-every", "1",
+        "--bottleneck-dim", "128", "--batch-size", "64", "--width", "0.25")
+# The same knobs for `python -m fastmem.experiments ... main --scale cpu`.
+TINY_SET = ("--dataset", "synthetic", "--set", "subset=256", "--set", "probe_subset=200", "--set", "epochs=2",
+            "--set", "probe_every=1", "--set", "bottleneck_dim=128", "--set", "batch_size=64", "--set", "width=0.25")
+
 
 def test_demo_trains_both_runs_and_writes_table_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ("--out", str(out), "--dataset", "synthetic", "--subset", "256", "--probe-subset", "200",
-            "--epochs", "2", "--probe-every", "1", "--bottleneck-dim", "128", "--batch-size", "64", "--width", "0.25")
-    result = run_module("fastmem.demo", *args)
+    result = run_module("fastmem.demo", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr
     assert "| probe point | untrained | full augmentation (epoch 2) | no augmentation (epoch 2) |" in result.stdout
     for layer in ("stem", "stage4", "h", "head_hidden", "z"):
         assert f"| {layer} |" in result.stdout
+    assert "| *fit of random labels (train acc., last epoch)* | – |" in result.stdout
+    assert "[start 1/2] full augmentation" in result.stdout and "[done 2/2]" in result.stdout
     png = (out / "benign_vs_malign.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "| z |" in (out / "summary.md").read_text()
-    # A second invocation reuses the finished runs instead of training again.
-    again = run_module("fastmem.demo", *args)
-    assert again.returncode == 0 and "untrained" in again.stdout
-    assert (out / "random-labels-full-aug" / "train.log").read_text().count("run ") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    run_dirs = {label: Path(d) for label, d in summary["runs"].items()}
+    assert summary["experiment"] == "MAIN" and list(run_dirs) == ["full augmentation", "no augmentation"]
+    for run_dir in run_dirs.values():
+        assert run_dir.parent == out / "runs" and (run_dir / "summary.json").exists()
+    # A second invocation goes through the same runner: the finished runs are reused, not trained again.
+    again = run_module("fastmem.demo", "--out", str(out), *TINY)
+    assert again.returncode == 0 and "untrained" in again.stdout and again.stdout.count("[skip]") == 2
+    for run_dir in run_dirs.values():
+        assert (run_dir / "train.log").read_text().count("run ") == 1
+    # The experiments CLI plans the main job to the very same run directories.
+    shown = run_module("fastmem.experiments", "show", "main", "--scale", "cpu", "--out", str(out), *TINY_SET)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("[finished]") == 2
+    for run_dir in run_dirs.values():
+        assert str(run_dir) in shown.stdout

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fastmem.pipelines as pipelines
 import numpy as np
 import pytest
 import torch
-from fastmem.pipelines import PIPELINE_NAMES, AugmentSpec, make_loader
+from fastmem.pipelines import BACKENDS, PIPELINE_NAMES, AugmentSpec, PipelineEntry, make_loader
 from PIL import Image
 
 from fastmem.data.types import ArrayDataset
@@ -165,7 +164,7 @@ def test_cuda_requested_without_cuda_is_a_user_error() -> None:
 def test_a_missing_optional_dependency_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "needs_dep_backend.py").write_text("import fastmem_test_missing_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(pipelines._BACKENDS, "fake", pipelines._Backend("needs_dep_backend", "Loader", extra="dali"))
+    monkeypatch.setitem(BACKENDS, "fake", PipelineEntry("needs_dep_backend", "Loader", "a test backend", extra="dali"))
     with pytest.raises(FastmemError, match=r"needs 'fastmem_test_missing_dependency'.*pip install -e \.\[dali\]"):
         make_loader("fake", _images(), _targets())
     sys.modules.pop("needs_dep_backend", None)

@@ -15,7 +15,7 @@ from conftest import REPO, run_module
 
 from fastmem.errors import FastmemError
 from fastmem.experiments import EXPERIMENTS, Experiment, Variant, plan_experiment
-from fastmem.run.metrics import read_metrics
+from fastmem.run.metrics import RunRecords, read_metrics
 
 TIMING_KEYS = {"images_per_s", "seconds"}
 
@@ -50,7 +50,7 @@ def test_smoke_scale_runs_and_report_renders(smoke_sweeps: Path, experiment_id: 
     for entry in plan["runs"]:
         run_dir = sweep_dir / entry["run_dir"]
         assert (run_dir / "summary.json").exists(), entry["label"]
-        probes = [r for r in read_metrics(run_dir / "metrics.jsonl") if "knn/z" in r]
+        probes = RunRecords.read(run_dir).probes
         assert probes[0]["epoch"] == 0 and probes[-1]["epoch"] == json.loads((run_dir / "config.json").read_text())["epochs"]
     report = (sweep_dir / "report" / "report.md").read_text()
     assert f"# Experiment {experiment_id}:" in report and "| *untrained (epoch 0)* |" in report
@@ -132,6 +132,16 @@ def test_paper_scale_without_cifar_fails_before_any_run(tmp_path: Path) -> None:
                         "--data-dir", str(empty), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "cifar10" in result.stderr and "not found" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_identities_stay_those_of_existing_sweep_folders(tmp_path: Path) -> None:
+    """The run directories of results/fashion-mnist-cpu (A, and J's chain through its source's identity)."""
+    a = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["A"], "cpu", tmp_path, {})}
+    assert a == {"random labels, full aug": "augmentfull-label_noise1.0-ce4902721e",
+                 "random labels, no aug": "augmentnone-label_noise1.0-c408e5253a",
+                 "clean labels, full aug": "augmentfull-label_noise0.0-083142e9fb"}
+    j = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["J"], "cpu", tmp_path, {})}
+    assert j["reset stage4,head"] == "augmentnone-epochs50-label_noise1.0-label_seed1-reinitstage4_head-2459a5edd6"
 
 
 def test_a_spec_with_an_unknown_knob_is_rejected_when_planned(tmp_path: Path) -> None:

@@ -140,6 +140,27 @@ def test_the_write_command_writes_a_dataset_once(tmp_path: Path) -> None:
     assert help_exit.value.code == 0
 
 
+def test_make_loader_reads_an_existing_beton_as_the_source_or_the_beton_option(tmp_path: Path) -> None:
+    data = make_synthetic(70, size=8, seed=4)
+    path = write_beton(data.images, data.labels, tmp_path / "given.beton")
+    kwargs = dict(augment="full", batch_size=16, seed=2)
+    as_source, as_option = make_loader("ffcv", path, **kwargs), make_loader("ffcv", None, beton=str(path), **kwargs)
+    device = make_loader("device", data.images, data.labels, **kwargs)
+    assert as_source.path == as_option.path == path
+    for a, b, d in zip(_epoch(as_source, 1), _epoch(as_option, 1), _epoch(device, 1), strict=True):
+        assert torch.equal(a.indices, d.indices) and torch.equal(a.targets, d.targets)  # the file's labels
+        assert torch.equal(a.images, d.images) and torch.equal(b.images, d.images)
+    for args, kw, message in [
+        (("device", path), {}, "the device pipeline reads no .beton file; the ffcv pipeline does"),
+        (("ffcv", path), dict(beton=path), "as the source or as beton=, not both"),
+        (("ffcv", None), {}, "a source is required"),
+        (("ffcv", data.images, data.labels), dict(bogus=1), "has no option 'bogus'; it takes beton, jpeg_quality"),
+    ]:
+        with pytest.raises(FastmemError, match=message) as err:
+            make_loader(*args, **kw, batch_size=16)
+        assert "\n" not in str(err.value)
+
+
 def test_user_mistakes_and_missing_ffcv_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FastmemError, match="no such .beton"):
         FfcvLoader(None, None, _options(), beton=tmp_path / "missing.beton")

@@ -161,3 +161,33 @@ def test_every_backend_trains_the_small_cnn_for_an_epoch_on_fashion_mnist(tmp_pa
     (record,) = read_metrics(out / "metrics.jsonl")
     assert record["epoch"] == 1 and np.isfinite(record["loss"]) and record["images_per_s"] > 0
     assert json.loads((out / "config.json").read_text())["pipeline"] == pipeline
+
+
+def test_the_probe_temperature_reaches_the_weighted_vote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastmem.train.loop as trainer
+    from fastmem.run.config import parse_args
+
+    calls: list[dict] = []
+    monkeypatch.setattr(trainer, "probe_knn", lambda *a, **k: calls.append(k) or {"z": 0.5})
+    cfg, explicit, resume = parse_args([*QUICK_RUN, "--epochs", "0", "--probe-vote", "weighted",
+                                        "--probe-temperature", "0.25", "--out", str(tmp_path / "run")])
+    trainer.train(cfg, explicit, resume)
+    assert [(c["vote"], c["temperature"]) for c in calls] == [("weighted", 0.25)]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == [{"epoch": 0, "knn/z": 0.5}]
+
+
+def test_train_step_is_one_optimisation_step() -> None:
+    from fastmem.train import train_step
+
+    torch.manual_seed(0)
+    model, replica = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    replica.load_state_dict(model.state_dict())
+    optimizer, replica_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, replica))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loss, output = train_step(model, optimizer, scaler, images, targets, "mse", torch.device("cpu"), None)
+    expected = torch.nn.functional.mse_loss(replica(images), torch.nn.functional.one_hot(targets, 3).float())
+    expected.backward()
+    replica_optimizer.step()
+    assert output.shape == (8, 3) and loss.equal(expected.detach())
+    assert model.weight.equal(replica.weight) and model.bias.equal(replica.bias)

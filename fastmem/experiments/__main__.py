@@ -1,14 +1,15 @@
-"""`python -m fastmem.experiments list | show X | run X`: the experiments of PROTOCOL.md, one command each."""
+"""`python -m fastmem.experiments list | show X | run X`: the experiments of PROTOCOL.md (and the main job), one command each."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from fastmem.errors import run_cli
-from fastmem.experiments.specs import EXPERIMENTS, SCALE_BASE, SCALES
+from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALES
 from fastmem.experiments.sweep import (
     get_experiment,
     parse_overrides,
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("run", "run (or continue) one experiment, then write its report")):
         sub = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.add_argument("experiments", nargs="+", metavar="ID",
-                         help=f"experiment id(s): {', '.join(EXPERIMENTS)}, or all (runs shared between them train once)")
+                         help=f"experiment id(s): {', '.join(EXPERIMENTS)}, or all (runs shared between them train "
+                              f"once); {MAIN_JOB.id.lower()}: the main job (python -m fastmem.demo)")
         sub.add_argument("--scale", default="cpu", choices=SCALES, help="smoke (seconds), cpu (2 cores), paper (GPU)")
         sub.add_argument("--dataset", default=None, help="dataset instead of the scale's default")
         sub.add_argument("--data-dir", default=None, help="where the dataset files are")
@@ -40,17 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--jobs", type=int, default=0,
                          help="runs side by side on a CPU, each with cores/jobs threads (0 = one per core); on several GPUs, one run per GPU")
         sub.add_argument("--no-report", action="store_true", help="skip the report after the runs")
+        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="a progress bar per running run (default: when stderr is a terminal)")
     return parser
 
 
 def list_experiments() -> None:
-    print(f"{'id':<3} {'experiment':<38} {'runs (smoke/cpu/paper)':<23} varies")
-    for experiment in EXPERIMENTS.values():
+    """Print every spec with its run counts per scale, then the scales' base knobs."""
+    print(f"{'id':<4} {'experiment':<40} {'runs (smoke/cpu/paper)':<23} varies")
+    for experiment in [*EXPERIMENTS.values(), MAIN_JOB]:
         counts = []
         for scale in SCALES:
             counts.append(str(len({tuple(sorted(v.knobs.items())) + (v.init_from,) for v in experiment.variants(scale)})))
-        print(f"{experiment.id:<3} {experiment.title:<38} {'/'.join(counts):<23} {experiment.varies}")
-        print(f"{'':<3} expected: {experiment.expectation}")
+        print(f"{experiment.id:<4} {experiment.title:<40} {'/'.join(counts):<23} {experiment.varies}")
+        print(f"{'':<4} expected: {experiment.expectation}")
+        if experiment.knobs:
+            print(f"{'':<4} knobs of every run: " + ", ".join(f"{k}={v}" for k, v in experiment.knobs.items()))
     print("\nscale base knobs:")
     for scale, knobs in SCALE_BASE.items():
         print(f"  {scale}: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
@@ -85,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"experiments {', '.join(plans)} at scale {args.scale}: {len({r.run_dir for r in runs})} runs in {out / 'runs'}",
           flush=True)
-    rows = run_plan(runs, jobs=args.jobs, gpus=gpus)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    rows = run_plan(runs, jobs=args.jobs, gpus=gpus, progress=progress)
     print(f"\n{summary_table(rows)}\n\ntook {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
         from fastmem.report.render import write_report

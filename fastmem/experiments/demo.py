@@ -1,134 +1,114 @@
-"""The main job (`make demo`): benign versus malign memorization on Fashion-MNIST, on a CPU.
+"""The main job (`make demo`, `python -m fastmem.demo`): benign versus malign memorization on a CPU.
 
-Trains the small CNN on entirely random labels twice — with the paper's full augmentation and with
-none — probes every layer with k-NN against the true labels (untrained, during and after training),
-prints a per-layer table and writes a PNG plot and a markdown summary. Each run is an ordinary
-`fastmem.train.loop` run directory: finished runs are reused, interrupted ones resumed.
+The spec MAIN_JOB (fastmem/experiments/specs.py) at the `cpu` scale, run by the sweep runner like every
+experiment: the small CNN on entirely random labels, with the paper's full augmentation and with none,
+every layer probed with k-NN against the true labels (untrained, during and after training). Prints a
+per-layer table and writes a PNG plot and a markdown summary. The runs are sweep run directories,
+OUT/runs/<knobs>-<digest>/: finished runs are reused, interrupted ones resumed, and
+`python -m fastmem.experiments run main --scale cpu --out OUT` maps to the same directories.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from fastmem.errors import fail, run_cli
-from fastmem.io_utils import atomic_path
-from fastmem.report.demo_plots import knn_layers, plot_benign_vs_malign, probe_records
-from fastmem.run.metrics import read_metrics
+from fastmem.experiments.specs import MAIN_JOB, SCALE_BASE
+from fastmem.experiments.sweep import PlannedRun, plan_experiment, run_plan, validate_plan
+from fastmem.io_utils import atomic_path, write_json_atomic
+from fastmem.report.demo_plots import plot_benign_vs_malign
+from fastmem.run.metrics import RunRecords
 
-RUNS = {"full augmentation": "full", "no augmentation": "none"}
+SCALE = "cpu"
+# What the main job trains unless a flag says otherwise: the scale's base knobs under the spec's own.
+DEFAULTS: dict[str, Any] = {**SCALE_BASE[SCALE], **MAIN_JOB.knobs}
+# The flags that set a trainer knob of every run (--seed sets both the label and the training seed).
+KNOB_FLAGS = ("dataset", "data_dir", "subset", "probe_subset", "epochs", "probe_every", "width", "bottleneck_dim",
+              "batch_size", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags, with the main job's knobs as defaults."""
     parser = argparse.ArgumentParser(
         prog="python -m fastmem.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Random labels with and without augmentation on Fashion-MNIST; per-layer k-NN table and plot.",
     )
-    parser.add_argument("--out", default="demo_out", help="output directory (run directories, plot, summary)")
-    parser.add_argument("--dataset", default="fashion-mnist", help="dataset (see python -m fastmem.train --help)")
-    parser.add_argument("--data-dir", default=None, help="where the dataset files are")
-    parser.add_argument("--subset", type=int, default=5000, help="training images (a seeded random subset)")
-    parser.add_argument("--probe-subset", type=int, default=2000, help="test images used as k-NN queries")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs per run")
-    parser.add_argument("--probe-every", type=int, default=20, help="k-NN probe every E epochs")
-    parser.add_argument("--width", type=float, default=0.5, help="width multiplier of the small CNN")
-    parser.add_argument("--bottleneck-dim", type=int, default=4096, help="projector width B")
-    parser.add_argument("--batch-size", type=int, default=256, help="batch size")
-    parser.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and augmentation")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run the two trainings one after the other with all threads (default: side by side, one core each)")
+    add = parser.add_argument
+    add("--out", default="demo_out", help="output directory (runs/, plot, summary)")
+    add("--dataset", default=DEFAULTS["dataset"], help="dataset (see python -m fastmem.train --help)")
+    add("--data-dir", default=None, help="where the dataset files are")
+    add("--subset", type=int, default=DEFAULTS["subset"], help="training images (a seeded random subset)")
+    add("--probe-subset", type=int, default=DEFAULTS["probe_subset"], help="test images used as k-NN queries")
+    add("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs per run")
+    add("--probe-every", type=int, default=DEFAULTS["probe_every"], help="k-NN probe every E epochs")
+    add("--width", type=float, default=DEFAULTS["width"], help="width multiplier of the small CNN")
+    add("--bottleneck-dim", type=int, default=DEFAULTS["bottleneck_dim"], help="projector width B")
+    add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size")
+    add("--seed", type=int, default=DEFAULTS["seed"], help="seed of labels, initialisation and augmentation")
+    add("--sequential", action="store_true",
+        help="run the two trainings one after the other with all threads (default: side by side, one core each)")
     return parser
 
 
-def train_command(args: argparse.Namespace, augment: str, run_dir: Path, threads: int) -> list[str]:
-    command = [
-        sys.executable, "-m", "fastmem.train", "--dataset", args.dataset, "--subset", str(args.subset),
-        "--probe-subset", str(args.probe_subset), "--epochs", str(args.epochs), "--probe-every", str(args.probe_every),
-        "--augment", augment, "--label-noise", "1", "--label-seed", str(args.seed), "--seed", str(args.seed),
-        "--model", "small_cnn", "--width", str(args.width), "--bottleneck-dim", str(args.bottleneck_dim),
-        "--batch-size", str(args.batch_size), "--loss", "mse", "--optimizer", "adam", "--lr", "3e-4",
-        "--device", "cpu", "--precision", "fp32", "--threads", str(threads), "--progress", "false",
-        "--checkpoint-every", "10",
-    ]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    if (run_dir / "config.json").exists():
-        return command + ["--resume", str(run_dir)]
-    return command + ["--out", str(run_dir)]
+def demo_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The knobs the flags change from DEFAULTS (what `--set` would be for `python -m fastmem.experiments`)."""
+    given = {name: getattr(args, name) for name in KNOB_FLAGS}
+    given["label_seed"] = args.seed
+    return {name: value for name, value in given.items() if value is not None and value != DEFAULTS.get(name)}
 
 
-def run_trainings(args: argparse.Namespace, out: Path) -> dict[str, Path]:
-    """Start (or resume) the two runs, show their progress, and wait; a failed run is a user-facing error."""
-    run_dirs = {label: out / f"random-labels-{augment}-aug" for label, augment in RUNS.items()}
-    pending = {label: d for label, d in run_dirs.items() if not (d / "summary.json").exists()}
-    threads = 1 if not args.sequential else max(1, os.cpu_count() or 1)
-    groups = [list(pending)] if not args.sequential else [[label] for label in pending]
-    for group in groups:
-        procs = {}
-        for label in group:
-            run_dirs[label].mkdir(parents=True, exist_ok=True)
-            log = open(run_dirs[label] / "train.log", "a")
-            procs[label] = (subprocess.Popen(train_command(args, RUNS[label], run_dirs[label], threads),
-                                             stdout=log, stderr=subprocess.STDOUT), log)
-        bars = {label: tqdm(total=args.epochs, desc=f"{label:>18}", unit="epoch", position=i, leave=True)
-                for i, label in enumerate(group)}
-        while any(proc.poll() is None for proc, _ in procs.values()):
-            time.sleep(2)
-            for label, bar in bars.items():
-                done = max((r.get("epoch", 0) for r in read_metrics(run_dirs[label] / "metrics.jsonl")), default=0)
-                bar.update(done - bar.n)
-        for label, (proc, log) in procs.items():
-            log.close()
-            bars[label].close()
-            if proc.returncode != 0:
-                tail = (run_dirs[label] / "train.log").read_text().strip().splitlines()[-1:]
-                fail(f"the {label} run failed (see {run_dirs[label] / 'train.log'}): {' '.join(tail)}")
-    return run_dirs
+def plan_main_job(args: argparse.Namespace) -> list[PlannedRun]:
+    """The main job's runs under OUT/runs, as the sweep runner plans them."""
+    return plan_experiment(MAIN_JOB, SCALE, Path(args.out), demo_overrides(args))
 
 
-def per_layer_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def per_layer_table(runs: Mapping[str, RunRecords]) -> str:
     """Markdown table: k-NN accuracy per layer for the untrained net and each run's final probe."""
     first = next(iter(runs.values()))
-    untrained = probe_records(first)[0]
-    finals = {label: probe_records(records)[-1] for label, records in runs.items()}
-    head = "| probe point | untrained | " + " | ".join(f"{label} (epoch {r['epoch']})" for label, r in finals.items()) + " |"
-    lines = [head, "|" + "---|" * (2 + len(finals))]
-    for layer in knn_layers(first):
-        cells = [f"{100 * untrained[f'knn/{layer}']:.1f}"] + [f"{100 * r[f'knn/{layer}']:.1f}" for r in finals.values()]
+    head = "| probe point | untrained | " + " | ".join(f"{label} (epoch {r.final_probe_epoch})" for label, r in runs.items()) + " |"
+    lines = [head, "|" + "---|" * (2 + len(runs))]
+    for layer in first.layers:
+        cells = [_pct(first.untrained_knn(layer))] + [_pct(r.final_knn(layer)) for r in runs.values()]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    fits = [f"{100 * [r for r in records if 'train_acc_random' in r][-1]['train_acc_random']:.1f}" for records in runs.values()]
+    fits = [_pct(r.final_fit) for r in runs.values()]
     lines.append("| *fit of random labels (train acc., last epoch)* | – | " + " | ".join(fits) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.epochs < 1 or args.subset < args.batch_size:
+    if args.epochs < 1 or 0 < args.subset < args.batch_size:
         fail("--epochs must be >= 1 and --subset at least one batch")
     out = Path(args.out)
+    runs = plan_main_job(args)
+    validate_plan(runs)  # bad knobs or missing data fail here, before anything is written
     started = time.perf_counter()
-    run_dirs = run_trainings(args, out)
-    runs = {label: read_metrics(d / "metrics.jsonl") for label, d in run_dirs.items()}
-    table = per_layer_table(runs)
-    plot = plot_benign_vs_malign(runs, out / "benign_vs_malign.png",
+    print(f"main job ({MAIN_JOB.id} at scale {SCALE}): {len(runs)} runs in {out / 'runs'}", flush=True)
+    run_plan(runs, jobs=1 if args.sequential else len(runs), gpus=0, threads=None if args.sequential else 1,
+             progress=True)
+    records = {run.variant.label: RunRecords.read(run.run_dir) for run in runs}
+    table = per_layer_table(records)
+    plot = plot_benign_vs_malign(records, out / "benign_vs_malign.png",
                                  f"Random labels on {args.dataset} ({args.subset} images): k-NN on the true labels per layer")
     wall = time.perf_counter() - started
     summary = (f"# Benign vs malign memorization ({args.dataset}, {args.subset} images, random labels)\n\n"
-               f"k-NN (k=20, cosine, majority vote) accuracy in % on {args.probe_subset} test images, "
+               f"k-NN (k={runs[0].config.probe_k}, cosine, {runs[0].config.probe_vote} vote) accuracy in % on "
+               f"{args.probe_subset} test images, "
                f"reference = the training images with their true labels.\n\n{table}\n\n![plot]({plot.name})\n")
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(summary)
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps({"runs": {k: str(v) for k, v in run_dirs.items()}, "wall_seconds": wall}, indent=2))
+    write_json_atomic(out / "summary.json", {
+        "experiment": MAIN_JOB.id, "scale": SCALE, "overrides": demo_overrides(args),
+        "runs": {run.variant.label: str(run.run_dir) for run in runs}, "wall_seconds": wall,
+    }, sort_keys=False)
     print("\n" + table + f"\n\nplot: {plot}\nsummary: {out / 'summary.md'}  (this invocation took {wall / 60:.1f} min)")
     return 0
 

@@ -6,7 +6,9 @@ Layout of an output folder:
 Identical knob sets (the clean-label reference, a run two experiments share) map to one directory,
 so they are trained once. A run with summary.json is finished and skipped; one with config.json but
 no summary is resumed from its last checkpoint (exactly: the trainer's resume restores every RNG).
-Runs go one per GPU on a multi-GPU machine, or `--jobs` side by side on a CPU.
+Runs go one per GPU on a multi-GPU machine, or `--jobs` side by side on a CPU; a line per run start and
+finish, and optionally a progress bar per running run. The experiments CLI (fastmem/experiments/__main__.py)
+and the main job (fastmem/experiments/demo.py) both plan, validate and run through here.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from fastmem.errors import fail
-from fastmem.experiments.specs import EXPERIMENTS, SCALE_BASE, SCALES, Experiment, Variant
+from fastmem.experiments.specs import SCALE_BASE, SCALES, SPECS, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
 from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type
-from fastmem.run.metrics import read_metrics
+from fastmem.run.metrics import RunRecords
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -50,9 +52,10 @@ class PlannedRun:
 
 
 def get_experiment(experiment_id: str) -> Experiment:
-    experiment = EXPERIMENTS.get(experiment_id.upper())
+    """The spec with this id (A–K or MAIN, any case); an unknown id is a user error."""
+    experiment = SPECS.get(experiment_id.upper())
     if experiment is None:
-        fail(f"unknown experiment {experiment_id!r}; known: {', '.join(EXPERIMENTS)}")
+        fail(f"unknown experiment {experiment_id!r}; known: {', '.join(SPECS)}")
     return experiment
 
 
@@ -95,7 +98,7 @@ def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Ma
         unknown = sorted(set(variant.knobs) - KNOB_NAMES)
         if unknown:
             fail(f"experiment {experiment.id}, variant {variant.label!r}: unknown knob(s) {', '.join(unknown)}")
-        knobs = {**SCALE_BASE[scale], **variant.knobs, **overrides}
+        knobs = {**SCALE_BASE[scale], **experiment.knobs, **variant.knobs, **overrides}
         identity_knobs = dict(knobs)
         source_dir = None
         if variant.init_from is not None:
@@ -165,14 +168,53 @@ def train_command(run: PlannedRun, threads: int) -> list[str]:
 
 
 def _final_line(run: PlannedRun) -> str:
-    records = read_metrics(run.run_dir / "metrics.jsonl")
-    fit = [r["train_acc_random"] for r in records if "train_acc_random" in r]
-    probes = [r for r in records if any(k.startswith("knn/") for k in r)]
-    parts = [f"fit {100 * fit[-1]:.1f}%"] if fit else []
-    if probes:
-        parts += [f"k-NN {name[4:]} {100 * value:.1f}%" for name, value in probes[-1].items()
-                  if name in ("knn/h", "knn/z")]
+    records = RunRecords.read(run.run_dir)
+    fit = records.final_fit
+    parts = [f"fit {100 * fit:.1f}%"] if fit is not None else []
+    for layer in ("h", "z"):
+        accuracy = records.final_knn(layer)
+        if accuracy is not None:
+            parts.append(f"k-NN {layer} {100 * accuracy:.1f}%")
     return ", ".join(parts)
+
+
+class _Progress:
+    """Run start/finish lines, and optionally one tqdm bar per running run (epochs done, from its metrics)."""
+
+    def __init__(self, bars: bool, every_s: float = 2.0) -> None:
+        self.bars: dict[Path, Any] | None = {} if bars else None
+        self.every_s = every_s
+        self.updated = 0.0
+
+    def say(self, line: str) -> None:
+        if self.bars is None:
+            print(line, flush=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+
+    def start(self, run: PlannedRun, slot: int) -> None:
+        if self.bars is not None:
+            from tqdm import tqdm
+
+            self.bars[run.run_dir] = tqdm(total=run.config.epochs, initial=RunRecords.read(run.run_dir).last_epoch,
+                                          desc=f"{run.variant.label[:32]:>32}", unit="epoch", position=slot, leave=False)
+
+    def update(self) -> None:
+        if self.bars is None or time.perf_counter() - self.updated < self.every_s:
+            return
+        self.updated = time.perf_counter()
+        for run_dir, bar in self.bars.items():
+            bar.update(RunRecords.read(run_dir).last_epoch - bar.n)
+
+    def finish(self, run: PlannedRun) -> None:
+        if self.bars is not None and run.run_dir in self.bars:
+            self.bars.pop(run.run_dir).close()
+
+    def close(self) -> None:
+        for bar in (self.bars or {}).values():
+            bar.close()
 
 
 @dataclass
@@ -183,19 +225,25 @@ class _Job:
     started: float
 
 
-def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int) -> list[dict[str, Any]]:
+def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int, threads: int | None = None,
+             progress: bool = False) -> list[dict[str, Any]]:
     """Train every unfinished run (dependencies first), one per GPU when `gpus` > 0, else `jobs` side by side
-    on the CPU (0 = one per core); returns one summary row per distinct run."""
+    on the CPU (0 = one per core) with `threads` each (default cores // jobs); `progress`: a bar per running run.
+    Returns one summary row per distinct run."""
     unique: dict[Path, PlannedRun] = {}
     for run in runs:
         unique.setdefault(run.run_dir, run)
     pending = [r for r in unique.values() if not r.finished]
     rows = {r.run_dir: {"run": r, "status": "done earlier", "minutes": 0.0} for r in unique.values() if r.finished}
     total = len(pending)
+    show = _Progress(progress)
     for row in rows.values():
-        print(f"[skip] {row['run'].variant.label}: finished earlier ({_final_line(row['run'])})", flush=True)
+        show.say(f"[skip] {row['run'].variant.label}: finished earlier ({_final_line(row['run'])})")
     slots = gpus if gpus else max(1, jobs or os.cpu_count() or 1)  # one run per GPU; else `jobs` CPU runs
-    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // slots)
+    if gpus:
+        threads = 0
+    elif not threads:
+        threads = max(1, (os.cpu_count() or 1) // slots)
     running: list[_Job] = []
     done_count = 0
 
@@ -223,14 +271,17 @@ def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int) -> list[dict[str,
                 with open(run.run_dir / "train.log", "ab") as log:
                     process = subprocess.Popen(train_command(run, threads), stdout=log, stderr=subprocess.STDOUT, env=env)
                 running.append(_Job(run, process, slot, time.perf_counter()))
-                print(f"[start {done_count + len(running)}/{total}] {run.variant.label}"
-                      f"{' (resumed)' if resumed else ''} → {run.run_dir}", flush=True)
+                show.say(f"[start {done_count + len(running)}/{total}] {run.variant.label}"
+                         f"{' (resumed)' if resumed else ''} → {run.run_dir}")
+                show.start(run, slot)
             if not running:
                 blocked = ", ".join(r.variant.label for r in pending)
                 fail(f"runs wait on sources that did not finish: {blocked}")
             time.sleep(0.5)
+            show.update()
             for job in [j for j in running if j.process.poll() is not None]:
                 running.remove(job)
+                show.finish(job.run)
                 minutes = (time.perf_counter() - job.started) / 60
                 if job.process.returncode != 0:
                     for other in running:
@@ -240,15 +291,16 @@ def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int) -> list[dict[str,
                     fail(f"run {job.run.variant.label!r} failed (see {job.run.run_dir / 'train.log'}): {' '.join(tail)}")
                 done_count += 1
                 rows[job.run.run_dir] = {"run": job.run, "status": "trained", "minutes": minutes}
-                print(f"[done {done_count}/{total}] {job.run.variant.label} in {minutes:.1f} min: {_final_line(job.run)}",
-                      flush=True)
+                show.say(f"[done {done_count}/{total}] {job.run.variant.label} in {minutes:.1f} min: {_final_line(job.run)}")
     finally:
+        show.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return [rows[run_dir] for run_dir in unique]
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of run_plan's rows: status, minutes and the final fit and k-NN at h and z."""
     lines = ["| run | status | minutes | result |", "|---|---|---|---|"]
     for row in rows:
         run = row["run"]

@@ -1,7 +1,7 @@
 """The layer-wise k-NN probe: extract → cache → classify (PROTOCOL.md).
 
 Eval mode, no augmentation; reference = the training images with their TRUE labels, queries = the
-test images; cosine k-NN (k = 20, majority vote by default) at every probe point.
+test images; cosine k-NN (k = DEFAULT_K, majority vote by default; fastmem/kernels/vote.py) at every probe point.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from fastmem.distributed import is_main_rank
-from fastmem.kernels import knn_classify
+from fastmem.kernels import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify
 from fastmem.models import EncoderProjector
+from fastmem.runtime import EXTRACT_BACKENDS
 
 from .cache import CacheKey, EmbeddingCache, data_digest, state_digest
 from .extract import Embedding, extract_embeddings, reduction_name
 from .sharded import extract_embeddings_sharded, knn_classify_sharded, layers_missing_anywhere
-from .trt_extract import EXTRACT_BACKENDS, TRT_ENGINE_DIR, ProbeForward, probe_forward
+from .trt_extract import TRT_ENGINE_DIR, ProbeForward, probe_forward
 
 
 def embed_split(
@@ -78,9 +79,9 @@ def probe_knn(
     *,
     device: torch.device,
     dtype: torch.dtype | None = None,
-    k: int = 20,
+    k: int = DEFAULT_K,
     vote: str = "majority",
-    temperature: float = 0.07,
+    temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
     layers: tuple[str, ...] | None = None,
     cache: EmbeddingCache | None = None,

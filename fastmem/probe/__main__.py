@@ -14,13 +14,13 @@ from fastmem.data.splits import select_run_data
 from fastmem.distributed import distributed_session, rank_device, rank_info
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path, write_json_atomic
-from fastmem.kernels import BACKENDS, VOTES
+from fastmem.kernels import BACKENDS, DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
 from fastmem.models import create_model
 from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fastmem.run.config import load_run_config
-from fastmem.runtime import resolve_device, resolve_precision
+from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
 
-from . import EXTRACT_BACKENDS, TRT_ENGINE_DIR, EmbeddingCache, probe_knn
+from . import TRT_ENGINE_DIR, EmbeddingCache, probe_knn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastmem.probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="k-NN accuracy against the true labels at every probe point of a trained run.",
     )
-    parser.add_argument("run_dir", help="a fastmem.train.loop run directory")
+    parser.add_argument("run_dir", help="a run directory of python -m fastmem.train")
     parser.add_argument("--checkpoint", default=None, help="checkpoint to probe (default RUN_DIR/checkpoint.pt)")
     parser.add_argument("--untrained", action="store_true", help="probe the untrained network of the run (its seed's initialisation)")
     parser.add_argument("--layers", default="", help="comma-separated probe points (default: all)")
-    parser.add_argument("--k", type=int, default=20, help="neighbours")
-    parser.add_argument("--vote", default="majority", choices=VOTES, help="majority (paper) or weighted (DINO)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="temperature of the weighted vote")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours")
+    parser.add_argument("--vote", default="majority", choices=VOTES,
+                        help="majority (paper) or weighted (DINO, exp(sim/T))")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="T of the weighted vote")
     parser.add_argument("--probe-subset", type=int, default=None, help="test images as queries (default: the run's)")
     parser.add_argument("--project-dim", type=int, default=0, help="random-project wider layers to this dim (0 = exact)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--precision", default="auto", help="autocast for extraction: auto, bf16, fp16, fp32")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for extraction")
     parser.add_argument("--knn-backend", default="auto", choices=BACKENDS, help="k-NN kernels")
     parser.add_argument("--extract-backend", default="eager", choices=EXTRACT_BACKENDS,
                         help="embedding extraction: eager, or trt (a torch-tensorrt engine cached beside the checkpoint; "

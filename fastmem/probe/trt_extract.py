@@ -5,7 +5,7 @@ Owns the choice of the forward function that embeds a batch for the probe: the m
 extraction batch) in the probe's precision (fp16/bf16 weights and inputs; fp32 when the probe runs in
 fp32) and cached on disk beside the checkpoint, keyed by the weights' digest, the precision and the
 input shape. Without torch-tensorrt or a CUDA device it falls back to eager with one printed line.
-Tolerance: the k-NN accuracy of a TRT probe equals the eager one within 0.1 point (tests/test_trt.py).
+Tolerance: the k-NN accuracy of a TRT probe equals the eager one within 0.1 point (tests/test_scaleout_gpu.py).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from fastmem.errors import fail
 from fastmem.models import EncoderProjector
+from fastmem.runtime import EXTRACT_BACKENDS
 
-EXTRACT_BACKENDS: tuple[str, ...] = ("eager", "trt")
 TRT_ENGINE_DIR = "trt-engines"  # beside the checkpoint: RUN_DIR/trt-engines/<digest>-<precision>-<shape>.ep
 ProbeForward = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 _fallback_reported: set[str] = set()  # one line per reason and process, not one per probe
@@ -119,27 +120,18 @@ def load_engine(path: Path) -> nn.Module | None:
         return None
 
 
-def probe_forward(
+def trt_forward(
     model: EncoderProjector,
-    backend: str,
     *,
     device: torch.device,
     dtype: torch.dtype | None,
     sample_shape: tuple[int, int, int],
     max_batch: int,
     engine_dir: str | Path | None,
-    weights: str | None = None,
-    write_cache: bool = True,
+    weights: str | None,
+    write_cache: bool,
 ) -> ProbeForward | None:
-    """The forward that embeds a batch: None for eager (the model's own), or a TRT engine's.
-
-    `sample_shape` is (channels, height, width); `weights` the digest of the model's state (computed
-    when None); `write_cache` false on ranks other than 0 (they load or build, never write).
-    """
-    if backend not in EXTRACT_BACKENDS:
-        fail(f"unknown extract backend {backend!r}; use {', '.join(EXTRACT_BACKENDS)}")
-    if backend == "eager":
-        return None
+    """A TRT engine's forward, loaded from `engine_dir` or built (and cached); None (eager) where TRT cannot run."""
     reason = trt_unavailable_reason(device)
     if reason is not None:
         report_fallback(reason)
@@ -163,3 +155,35 @@ def probe_forward(
         return OrderedDict(zip(names, outputs))
 
     return forward
+
+
+def eager_forward(model: EncoderProjector, **_: Any) -> ProbeForward | None:
+    """None: extraction runs the model's own `forward_probes`."""
+    return None
+
+
+# One builder per name of fastmem.runtime.EXTRACT_BACKENDS (the registry the config and CLIs take choices from).
+FORWARD_BUILDERS: dict[str, Callable[..., ProbeForward | None]] = {"eager": eager_forward, "trt": trt_forward}
+
+
+def probe_forward(
+    model: EncoderProjector,
+    backend: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    sample_shape: tuple[int, int, int],
+    max_batch: int,
+    engine_dir: str | Path | None,
+    weights: str | None = None,
+    write_cache: bool = True,
+) -> ProbeForward | None:
+    """The forward that embeds a batch: None for eager (the model's own), or a TRT engine's.
+
+    `sample_shape` is (channels, height, width); `weights` the digest of the model's state (computed
+    when None); `write_cache` false on ranks other than 0 (they load or build, never write).
+    """
+    if backend not in EXTRACT_BACKENDS:
+        fail(f"unknown extract backend {backend!r}; use {', '.join(EXTRACT_BACKENDS)}")
+    return FORWARD_BUILDERS[backend](model, device=device, dtype=dtype, sample_shape=sample_shape, max_batch=max_batch,
+                                     engine_dir=engine_dir, weights=weights, write_cache=write_cache)

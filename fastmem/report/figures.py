@@ -6,7 +6,7 @@ Every function takes the loaded runs of one sweep (`SweepRun`s) and writes one P
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,38 +16,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastmem.run.metrics import RunRecords  # noqa: E402
 
-@dataclass
-class SweepRun:
-    """One variant of a sweep with its metrics."""
 
-    label: str
-    role: str
-    value: float | None
-    group: str
-    knobs: dict[str, Any]
-    records: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True)
+class SweepRun(RunRecords):
+    """One variant of a sweep: its metrics records (the RunRecords views) and how the report shows it."""
 
-    @property
-    def probes(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if any(k.startswith("knn/") for k in r)]
-
-    @property
-    def layers(self) -> list[str]:
-        return [k[4:] for k in self.probes[0] if k.startswith("knn/")] if self.probes else []
-
-    @property
-    def final_fit(self) -> float | None:
-        fits = [r["train_acc_random"] for r in self.records if "train_acc_random" in r]
-        return fits[-1] if fits else None
-
-    def final_knn(self, layer: str) -> float | None:
-        return self.probes[-1].get(f"knn/{layer}") if self.probes else None
-
-    def untrained_knn(self, layer: str) -> float | None:
-        first = self.probes[0] if self.probes else {}
-        return first.get(f"knn/{layer}") if first.get("epoch") == 0 else None
+    label: str = ""
+    role: str = "run"
+    value: float | None = None
+    group: str = ""
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _colours(n: int) -> list[Any]:
@@ -65,7 +46,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _reference(runs: Sequence[SweepRun]) -> tuple[SweepRun | None, SweepRun | None]:
     """(the run whose epoch-0 probe is the untrained reference, the clean-label run)."""
-    untrained = next((r for r in runs if r.role != "clean" and r.probes and r.probes[0].get("epoch") == 0), None)
+    untrained = next((r for r in runs if r.role != "clean" and r.untrained), None)
     clean = next((r for r in runs if r.role == "clean" and r.probes), None)
     return untrained or clean, clean
 
@@ -80,7 +61,7 @@ def plot_knn_vs_epoch(runs: Sequence[SweepRun], path: Path, title: str) -> Path:
     colours = _colours(len(runs))
     for ax, layer in zip(axes.flat, layers):
         for colour, run in zip(colours, runs):
-            points = [(p["epoch"], 100 * p[f"knn/{layer}"]) for p in run.probes if f"knn/{layer}" in p]
+            points = [(epoch, 100 * accuracy) for epoch, accuracy in run.knn_curve(layer)]
             if points and run.role != "clean":
                 ax.plot(*zip(*points), marker=".", color=colour, label=run.label)
         if untrained is not None and untrained.untrained_knn(layer) is not None:
@@ -111,7 +92,7 @@ def plot_final_per_layer(runs: Sequence[SweepRun], path: Path, title: str) -> Pa
             continue
         style = {"color": "grey", "lw": 2.5, "ls": ":"} if run.role == "clean" else {"color": colour}
         ax.plot(run.layers, [100 * run.final_knn(n) for n in run.layers], marker="o",
-                label=f"{run.label} (epoch {run.probes[-1]['epoch']})", **style)
+                label=f"{run.label} (epoch {run.final_probe_epoch})", **style)
     if untrained is not None:
         ax.plot(layers, [100 * (untrained.untrained_knn(n) or math.nan) for n in layers], "k--", marker="x",
                 label="untrained (epoch 0)")
@@ -125,9 +106,9 @@ def plot_fit_vs_epoch(runs: Sequence[SweepRun], path: Path, title: str) -> Path:
     """Random-label training accuracy over epochs for each run."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for colour, run in zip(_colours(len(runs)), runs):
-        trained = [r for r in run.records if "train_acc_random" in r]
-        if trained:
-            ax.plot([r["epoch"] for r in trained], [100 * r["train_acc_random"] for r in trained], color=colour,
+        fit = run.fit_curve()
+        if fit:
+            ax.plot([e for e, _ in fit], [100 * f for _, f in fit], color=colour,
                     label=run.label, ls=":" if run.role == "clean" else "-")
     ax.set(title=title, xlabel="epoch", ylabel="train accuracy on the run's labels (%)", ylim=(0, 101))
     ax.grid(alpha=0.3)

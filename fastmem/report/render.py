@@ -25,7 +25,10 @@ from fastmem.report.figures import (
     plot_knn_vs_epoch,
     plot_tradeoff,
 )
-from fastmem.run.metrics import read_metrics
+from fastmem.run.config import TrainConfig
+from fastmem.run.metrics import RunRecords
+
+DEFAULTS = TrainConfig()  # knob values a sweep's base leaves at their default
 
 
 def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
@@ -43,8 +46,9 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
         run_dir = sweep_dir / entry["run_dir"]
         config_path = run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        runs.append(SweepRun(entry["label"], entry.get("role", "run"), entry.get("value"), entry.get("group", ""),
-                             entry.get("knobs", {}), read_metrics(run_dir / "metrics.jsonl"), config))
+        runs.append(SweepRun(RunRecords.read(run_dir).records, label=entry["label"], role=entry.get("role", "run"),
+                             value=entry.get("value"), group=entry.get("group", ""), knobs=entry.get("knobs", {}),
+                             config=config))
     return plan, runs
 
 
@@ -57,16 +61,15 @@ def results_table(runs: Sequence[SweepRun]) -> str:
     layers = next((r.layers for r in runs if r.layers), [])
     head = "| run | epochs | fit (own labels) | agree (true labels) | " + " | ".join(layers) + " |"
     lines = [head, "|" + "---|" * (4 + len(layers))]
-    reference = next((r for r in runs if r.probes and r.probes[0].get("epoch") == 0), None)
+    reference = next((r for r in runs if r.untrained), None)
     if reference is not None:
         lines.append("| *untrained (epoch 0)* | 0 | – | – | "
                      + " | ".join(_pct(reference.untrained_knn(n)) for n in layers) + " |")
     for run in runs:
-        trained = [r for r in run.records if "train_acc_random" in r]
-        epochs = trained[-1]["epoch"] if trained else 0
-        agree = trained[-1].get("train_acc_true") if trained else None
+        fits = run.fits
+        epochs = fits[-1]["epoch"] if fits else 0
         name = f"*{run.label}*" if run.role == "clean" else run.label
-        lines.append(f"| {name} | {epochs} | {_pct(run.final_fit)} | {_pct(agree)} | "
+        lines.append(f"| {name} | {epochs} | {_pct(run.final_fit)} | {_pct(run.final_agree)} | "
                      + " | ".join(_pct(run.final_knn(n)) for n in layers) + " |")
     return "\n".join(lines)
 
@@ -110,7 +113,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     text = [
         f"# Experiment {name} (scale `{scale}`)", "",
         f"**Varies:** {plan['varies']}.  ", f"**Expected (PROTOCOL.md):** {plan['expectation']}.  ",
-        f"**Setting:** {setting}; k-NN k={base.get('probe_k', 20)}, {base.get('probe_vote', 'majority')} vote, cosine, "
+        f"**Setting:** {setting}; k-NN k={base.get('probe_k', DEFAULTS.probe_k)}, {base.get('probe_vote', DEFAULTS.probe_vote)} vote, cosine, "
         "reference = the training images with their true labels.", "",
         *([f"**Note:** {plan['note']}", ""] if plan.get("note") else []),
         "## Results (accuracy in %)", "", results_table(runs), "",

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fastmem.errors import fail
+from fastmem.kernels.vote import DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
+from fastmem.pipelines import PIPELINE_NAMES
+from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS
 
 
 def _knob(default: Any, help: str, *, execution: bool = False, resumable: bool = False, **extra: Any) -> Any:
@@ -38,7 +41,7 @@ class TrainConfig:
     label_seed: int = _knob(0, "seed of the random labels")
     # pipeline
     pipeline: str = _knob("device", "loader backend: device (dataset resident on the device, fused augmentation), "
-                          "torch (DataLoader baseline), dali, ffcv", choices=("device", "torch", "dali", "ffcv"))
+                          "torch (DataLoader baseline), dali, ffcv", choices=PIPELINE_NAMES)
     augment: str = _knob("full", "augmentation: none, standard (crop+flip), full (paper's SimCLR set), "
                          "strength:A (RandAugment, 0 <= A <= 1), fullfixed:N[:same|random] (N fixed views per image)")
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
@@ -67,7 +70,7 @@ class TrainConfig:
     # execution
     device: str = _knob("auto", "auto, cpu or cuda[:N]", execution=True)
     precision: str = _knob("auto", "autocast: auto (bf16 where fast), bf16, fp16 (CUDA, grad scaler), fp32",
-                           choices=("auto", "bf16", "fp16", "fp32"))
+                           choices=PRECISIONS)
     channels_last: bool = _knob(True, "channels_last memory format for images and model")
     compile: bool = _knob(False, "torch.compile the model")
     sync_bn: bool = _knob(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only) instead "
@@ -76,13 +79,14 @@ class TrainConfig:
     seed: int = _knob(0, "seed of initialisation, data order and augmentation")
     # probe
     probe_every: int = _knob(0, "k-NN probe every E epochs, plus the untrained net and the end (0 = start and end only, -1 = never)")
-    probe_k: int = _knob(20, "k of the k-NN probe")
-    probe_vote: str = _knob("majority", "k-NN vote: majority (paper) or weighted (DINO, exp(sim/0.07))",
-                            choices=("majority", "weighted"))
+    probe_k: int = _knob(DEFAULT_K, "k of the k-NN probe")
+    probe_vote: str = _knob("majority", "k-NN vote: majority (paper) or weighted (DINO, exp(sim/T), T = "
+                            "--probe-temperature)", choices=VOTES)
     probe_project_dim: int = _knob(0, "random-project probe points wider than this to this dim (0 = exact; e.g. 4096 for B = 65,536)")
     extract_backend: str = _knob("eager", "probe embedding extraction: eager (PyTorch) or trt (a torch-tensorrt engine "
                                  "built at each probe; falls back to eager without torch-tensorrt or a GPU)",
-                                 choices=("eager", "trt"), resumable=True)
+                                 choices=EXTRACT_BACKENDS, resumable=True)
+    probe_temperature: float = _knob(DEFAULT_TEMPERATURE, "temperature T of the weighted k-NN vote exp(sim/T)")
     # output
     out: str = _knob("", "run directory (default runs/<dataset>-<model>-<augment>-noise<p>-seed<s>)", execution=True)
     checkpoint_every: int = _knob(10, "write a checkpoint every E epochs (and always at the end)", execution=True)

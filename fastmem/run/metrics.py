@@ -69,6 +69,7 @@ class RunRecords:
 
     @property
     def last_epoch(self) -> int:
+        """The latest epoch with a record (0 before the first epoch ends)."""
         return max((int(r.get("epoch", 0)) for r in self.records), default=0)
 
     @property
@@ -78,17 +79,45 @@ class RunRecords:
 
     @property
     def final_fit(self) -> float | None:
+        """The fit of the training labels over the last epoch trained."""
         fits = self.fits
         return fits[-1]["train_acc_random"] if fits else None
 
+    @property
+    def final_agree(self) -> float | None:
+        """How often the last epoch's predictions equal the true labels, where recorded."""
+        fits = self.fits
+        return fits[-1].get("train_acc_true") if fits else None
+
+    def fit_curve(self) -> list[tuple[int, float]]:
+        """(epoch, fit of the training labels) per training record."""
+        return [(int(r["epoch"]), r["train_acc_random"]) for r in self.fits]
+
+    @property
+    def final_probe_epoch(self) -> int | None:
+        """The epoch of the last probe."""
+        probes = self.probes
+        return int(probes[-1]["epoch"]) if probes else None
+
+    @property
+    def untrained(self) -> dict[str, float]:
+        """k-NN accuracy by probe point at epoch 0 (the untrained network); empty if not probed."""
+        probes = self.probes
+        return knn_of(probes[0]) if probes and probes[0].get("epoch") == 0 else {}
+
     def final_knn(self, layer: str) -> float | None:
+        """The layer's k-NN accuracy at the last probe."""
         probes = self.probes
         return knn_of(probes[-1]).get(layer) if probes else None
 
     def untrained_knn(self, layer: str) -> float | None:
         """The layer's k-NN accuracy at epoch 0 (the untrained network), if it was probed."""
-        probes = self.probes
-        return knn_of(probes[0]).get(layer) if probes and probes[0].get("epoch") == 0 else None
+        return self.untrained.get(layer)
+
+    def knn_curve(self, layer: str) -> list[tuple[int, float]]:
+        """(epoch, k-NN accuracy) of one probe point at every probe that has it."""
+        key = knn_key(layer)
+        return [(int(r["epoch"]), r[key]) for r in self.probes if key in r]
 
 
 class MetricsLogger:

@@ -1,7 +1,7 @@
 """Experiment J: start from a trained model's weights and re-initialize the named parts.
 
 Owns `--init-from` (a run directory or a checkpoint file, loaded with `weights_only=True` through
-fastmem/checkpoint.py) and `--reinit` (comma-separated part names). Parts are the encoder's blocks
+fastmem/run/checkpoint.py) and `--reinit` (comma-separated part names). Parts are the encoder's blocks
 as the model names them (stem, stage1, …), `head` (the whole projector), `head_hidden` (its first
 linear layer, when it has one) and `head_out` (its last linear layer). The trainer builds the model
 with its seeded fresh initialization first; `init_from_checkpoint` then copies every tensor from the
@@ -18,8 +18,6 @@ import torch
 from fastmem.errors import fail
 from fastmem.models import EncoderProjector, create_model
 from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-HEAD_PARTS = ("head", "head_hidden", "head_out")
 
 
 def part_prefixes(model: EncoderProjector) -> dict[str, str]:

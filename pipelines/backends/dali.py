@@ -1,18 +1,21 @@
 """The `dali` backend: an NVIDIA DALI pipeline that executes the shared sampler's view parameters.
 
-Owns the DALI graph and its feeding. Each batch's indices, view ids, parameters (params.py) and
-targets are computed here exactly as the other backends compute them; the pixels (uint8 arrays, or
-the encoded bytes of an image-file list) and the parameters enter the graph through
-`external_source`, so DALI draws no randomness and its views are the sampler's. CPU-only
-(`device_id=None`) without CUDA; on CUDA the augmentation runs on the GPU and JPEGs decode with
-`decoders.image(device="mixed")`. It must not own the order (sharding.py) or draw parameters.
+Owns the DALI graph and its feeding. Each batch's indices, view ids, parameters and targets come
+from backends/base.py, as for every other backend; the pixels (uint8 arrays, or the encoded bytes of
+an image-file list: a FileDataset or an image folder given to make_loader, decoded to `image_size`)
+and the parameters enter the graph through `external_source`, so DALI draws no randomness and its
+views are the sampler's. CPU-only (`device_id=None`) without CUDA; on CUDA the augmentation runs on
+the GPU and JPEGs decode with `decoders.image(device="mixed")`. It must not own the order or draw
+parameters. The ops its graph executes are declared in registry.py (`DALI_OPS`), which refuses
+every spec with another op before anything is built.
 
 Graph: [decode + resize to S×S] → reflect pad (standard) → slice(crop box) → bilinear resize to S×S
 (align_corners=False, no antialias) → ×1/255 → flip → colour (full): brightness_contrast with the
 view's luma mean as the contrast pivot, then hsv (hue rotation, saturation; grayscale folded in as
 saturation 0) → clamp to [0, 1].
 
-Tolerances against executor.apply_views on the same parameters (checked in tests/test_dali_loader.py):
+Tolerances against the reference executor (executors/reference.py) on the same parameters
+(checked in tests/test_dali_loader.py):
 - geometry (crop, resize, flip, reflect pad): identical up to float rounding (≤ 1e-5);
 - grayscale: DALI's luma weights (0.299, 0.587, 0.114) vs torchvision's 0.2989: ≤ 1/255;
 - one jitter op alone (brightness, contrast, saturation): ≤ 1/255;
@@ -22,7 +25,7 @@ Tolerances against executor.apply_views on the same parameters (checked in tests
 - hue: DALI rotates chroma in YIQ space (a linear map), torchvision shifts H in HSV: the same
   shift in a different colour model, mean |Δ| ≤ 0.08 for the full ±0.2-turn range;
 - the whole `full` set: mean |Δ| ≤ 0.06 (measured ≈ 0.04 on synthetic 32 px colour images);
-- `strength:A` (RandAugment) is not executed by this backend (a one-line error says so).
+- `strength:A` (RandAugment) is not executed by this backend (registry.py's check says so in one line).
 """
 
 from __future__ import annotations
@@ -36,16 +39,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastmem.pipelines.backends.base import EpochLoader
 from fastmem.pipelines.contract import Batch, LoaderOptions
 from fastmem.pipelines.executors.reference import GRAY_WEIGHTS
-from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
+from fastmem.pipelines.params import ViewParams
+from fastmem.pipelines.registry import check_pipeline
 
+from fastmem.data import DEFAULT_DECODE_SIZE
 from fastmem.errors import fail
 
 DALI_MISSING = "the dali pipeline needs NVIDIA DALI: pip install -e .[dali] (nvidia-dali-cuda120)"
-DALI_KINDS = ("none", "standard", "full")
-DEFAULT_FILE_SIZE = 64  # decode size of image files, as fastmem.data's DEFAULT_DECODE_SIZE
 PREFETCH = 2  # batches DALI computes ahead of the consumer
 
 
@@ -70,7 +73,7 @@ def dali_feeds(params: ViewParams, pad: int) -> dict[str, np.ndarray]:
         "shape": crop[:, 2:].to(torch.float32).numpy(),  # (height, width)
         "flip": params.flip.cpu().to(torch.int32).numpy(),
     }
-    if params.kind == "full":
+    if _colour(params.ops):
         identity = params.factors.new_tensor([1.0, 1.0, 1.0, 0.0])
         factors = torch.where(params.jitter.unsqueeze(1), params.factors, identity).cpu()
         feeds["brightness"] = factors[:, 0].contiguous().numpy()
@@ -96,8 +99,14 @@ def _reflect_pad(fn: Any, x: Any, pad: int, height: int, width: int) -> Any:
     return fn.cat(left, x, right, axis_name="W")
 
 
-def _define_graph(dali: Any, kind: str, size: tuple[int, int], channels: int, gpu: bool, from_files: bool) -> Any:
-    """The DALI graph of one batch of views (float HWC in [0, 1])."""
+def _colour(ops: tuple[str, ...]) -> bool:
+    """True when the views have a colour stage (jitter, and grayscale folded into its saturation)."""
+    return "color_jitter" in ops or "grayscale" in ops
+
+
+def _define_graph(dali: Any, ops: tuple[str, ...], size: tuple[int, int], channels: int, gpu: bool,
+                  from_files: bool) -> Any:
+    """The DALI graph of one batch of views with these ops (float HWC in [0, 1])."""
     fn, types = dali.fn, dali.types
     height, width = size
     if from_files:
@@ -108,9 +117,9 @@ def _define_graph(dali: Any, kind: str, size: tuple[int, int], channels: int, gp
     else:
         images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8)
         images = images.gpu() if gpu else images
-    if kind == "none":
+    if not ops:
         return fn.cast(images, dtype=types.FLOAT) * (1.0 / 255.0)
-    pad = height // 8 if kind == "standard" else 0
+    pad = height // 8 if "pad_crop" in ops else 0
     if pad:
         images = _reflect_pad(fn, images, pad, height, width)
     anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
@@ -119,7 +128,7 @@ def _define_graph(dali: Any, kind: str, size: tuple[int, int], channels: int, gp
     x = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
     x = fn.resize(x, size=[height, width], interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
     x = fn.flip(x * (1.0 / 255.0), horizontal=flip)
-    if kind != "full":
+    if not _colour(ops):
         return x
     brightness = fn.external_source(name="brightness", dtype=types.FLOAT)
     contrast = fn.external_source(name="contrast", dtype=types.FLOAT)
@@ -157,40 +166,29 @@ class DaliLoader(EpochLoader):
         targets: np.ndarray | torch.Tensor,
         options: LoaderOptions,
         *,
-        image_size: int = DEFAULT_FILE_SIZE,
+        image_size: int = DEFAULT_DECODE_SIZE,
         channels: int = 3,
         num_threads: int = 0,
     ) -> None:
         """`images`: uint8 NHWC, or a FileDataset / list of image paths decoded to image_size² × channels."""
+        check_pipeline("dali", options.spec)  # the ops this graph executes (registry.py), before DALI loads
         self.dali = import_dali()
-        self.spec: AugmentSpec = options.spec
-        if self.spec.kind not in DALI_KINDS:
-            fail(f"the dali pipeline executes {', '.join(DALI_KINDS)} and fullfixed views, not {self.spec}; "
-                 "use --pipeline device, torch or ffcv")
-        self.options = options
         self.files = _file_list(images)
         if self.files is not None:
             if channels not in (1, 3) or image_size < 1:
                 fail(f"dali: image files decode to size ≥ 1 and 1 or 3 channels, got {image_size}, {channels}")
-            self.images, self.size, self.channels = None, (image_size, image_size), channels
-            count = len(self.files)
+            self.images, size, count = None, (image_size, image_size), len(self.files)
         else:
             array = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
             if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3):
                 fail(f"dali: images must be uint8 NHWC with 1 or 3 channels, got {array.dtype} {array.shape}")
             self.images = np.ascontiguousarray(array)
-            self.size, self.channels = (int(array.shape[1]), int(array.shape[2])), int(array.shape[3])
-            count = len(array)
-        check_shard_args(count, options.batch_size, options.rank, options.world, options.drop_last)
-        self.num_samples = count
-        self.targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
-                                       dtype=torch.int64).cpu()
-        if self.targets.shape != (count,):
-            fail(f"dali: {tuple(self.targets.shape)} targets for {count} samples")
-        self.num_classes = options.num_classes or int(self.targets.max()) + 1
-        self.pad = self.size[0] // 8 if self.spec.kind == "standard" else 0
+            size, channels, count = (int(array.shape[1]), int(array.shape[2])), int(array.shape[3]), len(array)
+        super().__init__(count, targets, options, size, channels)  # its own graph executes the views
+        self.size = self.image_size
+        self.pad = self.size[0] // 8 if "pad_crop" in self.spec.ops else 0
         self.gpu = options.device.type == "cuda"
-        self.epoch, self._pending, self._generation = 0, 0, 0
+        self._pending, self._generation = 0, 0
         self.pipe = self._build(num_threads or options.workers or len(os.sched_getaffinity(0)))
 
     def _build(self, num_threads: int) -> Any:
@@ -199,7 +197,7 @@ class DaliLoader(EpochLoader):
         pipe = dali.pipeline.Pipeline(batch_size=o.batch_size, num_threads=max(1, num_threads), device_id=device_id,
                                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         with pipe:
-            pipe.set_outputs(_define_graph(dali, self.spec.kind, self.size, self.channels, self.gpu, self.files is not None))
+            pipe.set_outputs(_define_graph(dali, self.spec.ops, self.size, self.channels, self.gpu, self.files is not None))
         pipe.build()
         # DALI's first run prefetches PREFETCH batches; run it once here so that every later
         # schedule_run computes exactly one fed batch and an epoch may be shorter than the queue.
@@ -212,8 +210,8 @@ class DaliLoader(EpochLoader):
         return pipe
 
     def execute(self, indices: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Run the graph once on samples `indices` with the given parameters (of this loader's spec kind)."""
-        if params.kind != self.spec.kind or len(params) != len(indices):
+        """Run the graph once on samples `indices` with the given parameters (of this loader's spec's ops)."""
+        if params.ops != self.spec.ops or len(params) != len(indices):
             raise ValueError(f"params for {len(params)} {params.kind} views; this graph executes {self.spec.kind}")
         self._drain()
         self._generation += 1  # any epoch in flight is abandoned
@@ -231,9 +229,9 @@ class DaliLoader(EpochLoader):
             pipe.feed_input("encoded", [self._read(i) for i in indices.tolist()])
         else:
             pipe.feed_input("images", self.images[indices.numpy()], layout="HWC")
-        if self.spec.kind != "none":
+        if self.spec.ops:
             if params is None:
-                params = sample_view_params(self.spec, self.options.seed, indices, view_ids, self.size, self.channels)
+                params = self.step.params(indices, view_ids)
             for name, values in dali_feeds(params, self.pad).items():
                 pipe.feed_input(name, values)
 
@@ -261,13 +259,12 @@ class DaliLoader(EpochLoader):
             self._run(self.pipe.outputs)
 
     def __iter__(self) -> Iterator[Batch]:
-        o = self.options
+        device = self.options.device
         self._drain()
         self._generation += 1
         generation = self._generation
-        order = shard(epoch_order(self.num_samples, o.seed, self.epoch, shuffle=o.shuffle), o.rank, o.world)
-        batches = [order[lo:hi] for lo, hi in batch_bounds(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)]
-        view_ids = [view_ids_for(self.spec, o.seed, self.epoch, indices) for indices in batches]
+        batches = self.batch_indices("cpu")  # the graph is fed from the host
+        view_ids = [self.view_ids(indices) for indices in batches]
         scheduled = 0
         try:
             while scheduled < min(PREFETCH, len(batches)):
@@ -282,9 +279,8 @@ class DaliLoader(EpochLoader):
                 if scheduled < len(batches):
                     self._schedule(batches[scheduled], view_ids[scheduled])
                     scheduled += 1
-                targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids[k], self.num_classes)
-                device = o.device
-                yield Batch(images, targets.to(device), indices.to(device), view_ids[k].to(device))
+                indices, ids = indices.to(device), view_ids[k].to(device)
+                yield Batch(images, self.step.targets_of(indices, ids), indices, ids)
         finally:
             if generation == self._generation:  # a stale iterator must not drain its successor's batches
                 self._drain()

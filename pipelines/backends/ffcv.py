@@ -1,12 +1,12 @@
 """The `ffcv` backend: FFCV reads and decodes a `.beton` on CPU; the shared executor augments on the device.
 
-Owns the FFCV side only: the file (written by `ffcv.py`, or from arrays into a temporary one), the
-decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) and the epoch
+Owns the FFCV side only: the file (an existing `.beton` — `make_loader("ffcv", "x.beton")` or
+`beton=` — written by `python -m fastmem.pipelines.ffcv write`, or arrays written into a temporary
+one), the decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) and the epoch
 iterators, which are FFCV threads: each one is closed and joined when its epoch ends or the consumer
 stops early (FFCV's own iterator leaks its thread on an early break). The order, the sharding, the
-view parameters and the pixels of each view come from sharding.py, params.py and an executor
-(the fastest executor for the device, see fastest.py, unless one is passed), so its views are the reference's on
-the same pixels, bit for bit.
+targets and the per-batch step (parameters, executor: the fastest for the device unless one is
+passed) are backends/base.py's, so its views are the device backend's on the same pixels, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ import queue
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from fastmem.pipelines.backends.base import EpochLoader, Executor
 from fastmem.pipelines.contract import Batch, LoaderOptions
 from fastmem.pipelines.executors.select import apply_views_fastest
 from fastmem.pipelines.ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
-from fastmem.pipelines.params import AugmentSpec, ViewParams, sample_view_params, view_ids_for, view_targets
-from fastmem.pipelines.sharding import EpochLoader, batch_bounds, check_shard_args, epoch_order, shard
 
 from fastmem.errors import fail
 
-Executor = Callable[[torch.Tensor, ViewParams, torch.Tensor | None, bool], torch.Tensor]
 BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer
 JOIN_SECONDS = 10.0
 
@@ -81,9 +79,7 @@ class FfcvLoader(EpochLoader):
     ) -> None:
         """Read `beton`, or write uint8 NHWC `images` to a temporary one; targets default to the file's labels."""
         ffcv = import_ffcv()
-        self._ffcv, self.executor = ffcv, executor
-        self.spec: AugmentSpec = options.spec
-        self.options = options
+        self._ffcv = ffcv
         self._tempdir: str | None = None
         if beton is None:
             if images is None:
@@ -100,18 +96,13 @@ class FfcvLoader(EpochLoader):
             reader = ffcv.reader.Reader(str(self.path))
         except (AssertionError, ValueError, OSError, IndexError) as err:
             fail(f"{self.path}: not a readable FFCV .beton ({err})")
-        self.size, self.channels, decoder = self._image_layout(ffcv, reader)
-        self.num_samples = int(reader.num_samples)
-        check_shard_args(self.num_samples, options.batch_size, options.rank, options.world, options.drop_last)
+        size, channels, decoder = self._image_layout(ffcv, reader)
         if targets is None:
             if LABEL_FIELD not in reader.field_names:
                 fail(f"{self.path}: no '{LABEL_FIELD}' field; pass targets")
             targets = np.array(reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"], dtype=np.int64)
-        self.targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
-                                       dtype=torch.int64).to(options.device)
-        if self.targets.shape != (self.num_samples,):
-            fail(f"ffcv: {tuple(self.targets.shape)} targets for the {self.num_samples} samples of {self.path}")
-        self.num_classes = options.num_classes or int(self.targets.max()) + 1
+        super().__init__(int(reader.num_samples), targets, options, size, channels, executor=executor)
+        self.size = self.image_size
         steps: list[Any] = [decoder, ffcv.transforms.ToTensor()]
         if options.device.type == "cuda":
             steps.append(ffcv.transforms.ToDevice(options.device, non_blocking=True))
@@ -122,7 +113,6 @@ class FfcvLoader(EpochLoader):
             order=ffcv.loader.OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=options.drop_last,
             batches_ahead=max(1, batches_ahead),
         )
-        self.epoch = 0
         self._iterator: Any = None
 
     @staticmethod
@@ -147,10 +137,8 @@ class FfcvLoader(EpochLoader):
             self._iterator = None
 
     def __iter__(self) -> Iterator[Batch]:
-        o = self.options
         self.close()  # an earlier epoch abandoned without closing its generator
-        order = shard(epoch_order(self.num_samples, o.seed, self.epoch, shuffle=o.shuffle), o.rank, o.world)
-        bounds = batch_bounds(self.num_samples, o.batch_size, o.rank, o.world, o.drop_last)
+        order, bounds = self.epoch_plan("cpu")
         if not bounds:
             return
         order = order[:bounds[-1][1]]  # FFCV batches it in the same consecutive chunks
@@ -161,21 +149,10 @@ class FfcvLoader(EpochLoader):
             for lo, hi in bounds:
                 if self._iterator is not iterator:
                     raise RuntimeError("this epoch's iterator is stale: a newer iteration of the loader started")
-                (pixels,) = next(iterator)
-                indices = order[lo:hi].to(o.device)
-                yield self._views(pixels[: hi - lo], indices)
+                (pixels,) = next(iterator)  # FFCV's reused buffer: read by the executor, never kept
+                yield self.views(pixels[: hi - lo].to(self.options.device, non_blocking=True), order[lo:hi])
         finally:
             close_epoch_iterator(iterator)
             if self._iterator is iterator:
                 self._iterator = None
 
-    def _views(self, pixels: torch.Tensor, indices: torch.Tensor) -> Batch:
-        """Augment one decoded uint8 NHWC batch (FFCV's reused buffer: read here, never kept)."""
-        o = self.options
-        view_ids = view_ids_for(self.spec, o.seed, self.epoch, indices)
-        params = sample_view_params(self.spec, o.seed, indices, view_ids, self.size, self.channels)
-        out = torch.empty((len(indices), self.channels, *self.size), dtype=o.dtype, device=o.device,
-                          memory_format=o.memory_format)
-        images = self.executor(pixels.to(o.device, non_blocking=True), params, out, o.channels_last)
-        targets = view_targets(self.spec, self.targets, o.label_seed, indices, view_ids, self.num_classes)
-        return Batch(images, targets, indices, view_ids)

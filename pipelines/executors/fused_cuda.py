@@ -6,9 +6,10 @@ or reflect-translate with the flip folded into the source index, colour jitter i
 order, grayscale, one store per channel in the output's dtype and strides (channels_last or not).
 Contrast needs the mean luma of the image *as it stands before contrast*: views whose jitter
 includes it run a first sweep over their tiles up to that op (a block reduction), then the full
-sweep. Semantics are those of the torch reference executor (executor.py), photometric ops within
-2/255 (hue is the closed-form HSV shift). It draws no randomness. RandAugment is not fused:
-`supports()` says so and the caller falls back to the reference executor.
+sweep. Semantics are those of the torch reference executor (reference.py), photometric ops within
+2/255 (hue is the closed-form HSV shift). It draws no randomness. `OPS` lists the ops it implements:
+RandAugment is not fused, so `supports()` declines it and executors/select.py falls back to the
+reference executor.
 
 Import-safe without CUDA or Triton (`AVAILABLE` is then False). With TRITON_INTERPRET=1 the same
 kernel runs on CPU tensors through Triton's interpreter (how the CPU tests check its semantics).
@@ -29,14 +30,14 @@ except ImportError:  # pragma: no cover - CPU-only torch builds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AVAILABLE = triton is not None
-SUPPORTED_KINDS = ("none", "standard", "full")
+OPS: frozenset[str] = frozenset({"pad_crop", "resized_crop", "flip", "color_jitter", "grayscale"})  # no RandAugment
 MAX_BLOCK = 1024  # pixels per tile (registers per lane stay small); larger images loop over tiles
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(params, images: torch.Tensor | None = None) -> bool:
-    """True when this executor can run `params` (on `images`, if given): Triton, a CUDA tensor, no RandAugment."""
-    if not AVAILABLE or params.kind not in SUPPORTED_KINDS:
+    """True when this executor implements every op of `params` (on `images`, if given): Triton, a CUDA tensor."""
+    if not AVAILABLE or not set(params.ops) <= OPS:
         return False
     # Images larger than one tile take the kernel's tile loop, which failed a GPU comparison at 40 px
     # (photometric error above 2/255 on an H100, exact in Triton's interpreter): until a GPU run
@@ -66,8 +67,9 @@ def apply_views(
     """
     if not AVAILABLE:
         raise RuntimeError("the fused CUDA executor needs Triton (it ships with CUDA builds of torch)")
-    if params.kind not in SUPPORTED_KINDS:
-        raise ValueError(f"fused CUDA executor runs {', '.join(SUPPORTED_KINDS)}, not {params.kind!r}")
+    missing = [op for op in params.ops if op not in OPS]
+    if missing:
+        raise ValueError(f"the fused CUDA executor does not implement {', '.join(missing)} ({params.kind} views)")
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"expected a uint8 batch of 4 dims, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     if not (images_uint8.is_cuda or INTERPRET):
@@ -101,7 +103,7 @@ def apply_views(
         params.order.to(device=device, dtype=torch.int64).contiguous(),
         _as_u8(params.grayscale.to(device)), out,
         height, width, *src.stride(), *out.stride(),
-        C=channels, REFLECT=params.kind == "standard", BLOCK=block, TILES=triton.cdiv(pixels, block),
+        C=channels, REFLECT="pad_crop" in params.ops, BLOCK=block, TILES=triton.cdiv(pixels, block),
         GR=GRAY_WEIGHTS[0], GG=GRAY_WEIGHTS[1], GB=GRAY_WEIGHTS[2],
         num_warps=4 if block >= 512 else 2,
     )

@@ -4,9 +4,10 @@ Owns the pixel semantics of docs/augmentation_params.md as whole-batch tensor op
 Python): crop + bilinear resize by gathers, flip, colour jitter in each view's own op order,
 grayscale, and RandAugment (grouped by op, executed with torchvision's own kernels). The `torch`
 baseline runs the same code on batches of one, so its views equal the device pipeline's; the fused
-executors are tested against this one. Geometry and jitter use only elementwise IEEE ops (no fused
-multiply-adds, no batch-size dependent reductions except one float64 mean), so a view's pixels do
-not depend on which batch it was computed in. It must not draw randomness (params.py does).
+executors are tested against this one. It implements every op of params.AUGMENT_OPS (`OPS`).
+Geometry and jitter use only elementwise IEEE ops (no fused multiply-adds, no batch-size dependent
+reductions except one float64 mean), so a view's pixels do not depend on which batch it was
+computed in. It must not draw randomness (params.py does).
 """
 
 from __future__ import annotations
@@ -15,31 +16,42 @@ import math
 
 import torch
 from fastmem.pipelines.params import RA_OPS, ViewParams
-from torchvision.transforms.v2 import functional as TF
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+# Every op of params.AUGMENT_OPS: the reference defines their pixels (executors/select.py falls back to it).
+OPS: frozenset[str] = frozenset({"pad_crop", "resized_crop", "flip", "color_jitter", "grayscale", "randaugment"})
+
+
+def supports(params: ViewParams, images: torch.Tensor | None = None) -> bool:
+    """True when this executor implements every op of `params` (on any device; `apply_views` checks the images)."""
+    return set(params.ops) <= OPS
 
 
 def apply_views(
     images: torch.Tensor, params: ViewParams, out: torch.Tensor | None = None, channels_last: bool = True,
+    *, rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Execute `params` on uint8 images (B,H,W,C) or (B,C,H,W); float (B,C,H,W) in [0, 1], into `out` if given."""
-    nhwc = to_nhwc(images, params.channels)
+    """Execute `params` on uint8 images (B,H,W,C) or (B,C,H,W) (or on `images[rows]`); float (B,C,H,W) in [0, 1], into `out` if given."""
+    missing = [op for op in params.ops if op not in OPS]
+    if missing:
+        raise ValueError(f"the reference executor does not implement {', '.join(missing)} ({params.kind} views)")
+    nhwc = to_nhwc(images if rows is None else images[rows], params.channels)
     b, h, w, c = nhwc.shape
     if (h, w) != params.image_size or b != len(params):
         raise ValueError(f"images {tuple(nhwc.shape)} do not match params for {len(params)} views of {params.image_size}")
-    if params.kind == "strength":
+    ops = params.ops
+    if "randaugment" in ops:
         # clone: ops run in place, and for 1 channel .contiguous() would return the caller's own images
         planar = _randaugment(nhwc.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format), params)
         planar = planar.float() / 255.0
-    elif params.kind == "none":
+    elif not ops:
         planar = nhwc.permute(0, 3, 1, 2).float() / 255.0
-    else:
+    else:  # a crop box (pad_crop: reflect-padded offsets; resized_crop) resized to H×W, then the flip
         planar = _crop_resize_flip(nhwc, params)
         # Skipping a stage no view uses changes no pixel (its ops are exact identities) and saves a batch of one most ops.
-        if params.kind == "full" and bool(params.jitter.any()):
+        if "color_jitter" in ops and bool(params.jitter.any()):
             planar = _color_jitter(planar, params)
-        if params.kind == "full" and c == 3 and bool(params.grayscale.any()):
+        if "grayscale" in ops and c == 3 and bool(params.grayscale.any()):
             planar = torch.where(params.grayscale.view(b, 1, 1, 1), _gray(planar).expand(b, 3, h, w), planar)
     if out is None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -175,6 +187,8 @@ def _randaugment(planar: torch.Tensor, params: ViewParams) -> torch.Tensor:
 
 def _ra_op(x: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
     """One RandAugment op on a uint8 batch, exactly as torchvision's RandAugment applies it."""
+    from torchvision.transforms.v2 import functional as TF  # imported on first use: ~2 s of start-up otherwise
+
     if name in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
         return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
