@@ -15,7 +15,7 @@ from typing import Any
 
 from fastmem.errors import fail
 from fastmem.kernels.vote import DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
-from fastmem.pipelines import PIPELINE_NAMES
+from fastmem.pipelines import BACKENDS, PIPELINE_NAMES
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS
 
 
@@ -40,8 +40,8 @@ class TrainConfig:
     label_noise: float = _knob(1.0, "fraction of training labels redrawn uniformly at random (1 = all random)")
     label_seed: int = _knob(0, "seed of the random labels")
     # pipeline
-    pipeline: str = _knob("device", "loader backend: device (dataset resident on the device, fused augmentation), "
-                          "torch (DataLoader baseline), dali, ffcv", choices=PIPELINE_NAMES)
+    pipeline: str = _knob("device", "loader backend: " + "; ".join(f"{name} ({entry.help})" for name, entry in BACKENDS.items()),
+                          choices=PIPELINE_NAMES)
     augment: str = _knob("full", "augmentation: none, standard (crop+flip), full (paper's SimCLR set), "
                          "strength:A (RandAugment, 0 <= A <= 1), fullfixed:N[:same|random] (N fixed views per image)")
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
