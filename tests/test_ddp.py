@@ -62,15 +62,16 @@ class _RecordingLoader:
 
 def _train_rank(rank: int, port: int, argv_per_rank: list[list[str]], report_dir: str) -> None:
     _join_group(rank, port)
+    import fastmem.train.build as builder
     import fastmem.train.loop as trainer
     from fastmem.distributed import distributed_session
     from fastmem.run.config import parse_args
 
     seen: dict[int, list[int]] = {}
     models: list[torch.nn.Module] = []
-    make_loader, create_model = trainer.make_loader, trainer.create_model
-    trainer.make_loader = lambda *a, **k: _RecordingLoader(make_loader(*a, **k), seen)
-    trainer.create_model = lambda *a, **k: models.append(create_model(*a, **k)) or models[-1]
+    make_loader, create_model = builder.make_loader, builder.create_model
+    builder.make_loader = lambda *a, **k: _RecordingLoader(make_loader(*a, **k), seen)
+    builder.create_model = lambda *a, **k: models.append(create_model(*a, **k)) or models[-1]
     cfg, explicit, resume = parse_args(argv_per_rank[rank])
     with distributed_session() as info:
         assert (info.rank, info.world) == (rank, WORLD)
@@ -114,7 +115,7 @@ def test_two_gloo_ranks_train_disjoint_shards_with_identical_weights_and_only_ra
     assert reports[0]["seen"]["1"] != reports[0]["seen"]["2"]  # a new order each epoch
     assert not (root / "rank1-out").exists()
     assert sorted(p.name for p in (root / "rank0-out").iterdir()) == [
-        "checkpoint.pt", "config.json", "labels.npz", "metrics.jsonl", "summary.json"]
+        ".lock", "checkpoint.pt", "config.json", "labels.npz", "metrics.jsonl", "summary.json"]  # .lock: rank 0 holds the run
     assert json.loads((root / "rank0-out" / "summary.json").read_text())["world_size"] == WORLD
 
     single = tmp_path / "single"

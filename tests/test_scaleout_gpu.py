@@ -69,7 +69,7 @@ def test_torchrun_with_one_gpu_trains_and_probes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "FASTMEM_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
-               "fastmem.train.loop", *GPU_RUN, "--epochs", "2", "--out", str(out)]
+               "fastmem.train", *GPU_RUN, "--epochs", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
@@ -81,7 +81,7 @@ def test_two_nccl_ranks_with_sync_batchnorm_train(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "FASTMEM_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "fastmem.train.loop", *GPU_RUN, "--sync-bn", "true", "--epochs", "2", "--out", str(out)]
+               "fastmem.train", *GPU_RUN, "--sync-bn", "true", "--epochs", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     records = read_metrics(out / "metrics.jsonl")

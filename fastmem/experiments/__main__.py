@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fastmem.errors import run_cli
-from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALES
+from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALES, Experiment
 from fastmem.experiments.sweep import (
+    PlannedRun,
     get_experiment,
+    hold_sweep_lock,
     parse_overrides,
     plan_experiment,
     run_plan,
@@ -85,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state = "finished" if run.finished else ("interrupted" if (run.run_dir / "config.json").exists() else "new")
                 print(f"  {run.variant.label} [{state}]\n    {' '.join(train_command(run, run.config.threads))}")
         return 0
+    with hold_sweep_lock(out):  # one sweep runner per output folder
+        return run_experiments(args, out, experiments, plans, runs)
+
+
+def run_experiments(args: argparse.Namespace, out: Path, experiments: Sequence[Experiment],
+                    plans: Mapping[str, Sequence[PlannedRun]], runs: Sequence[PlannedRun]) -> int:
+    """Write the plans, train what is missing, print the summary and write the reports."""
     import torch
 
     gpus = torch.cuda.device_count() if any(r.config.device != "cpu" for r in runs) else 0

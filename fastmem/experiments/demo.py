@@ -18,7 +18,7 @@ from typing import Any
 
 from fastmem.errors import fail, run_cli
 from fastmem.experiments.specs import MAIN_JOB, SCALE_BASE
-from fastmem.experiments.sweep import PlannedRun, plan_experiment, run_plan, validate_plan
+from fastmem.experiments.sweep import PlannedRun, hold_sweep_lock, plan_experiment, run_plan, validate_plan
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.report.demo_plots import plot_benign_vs_malign
 from fastmem.run.metrics import RunRecords
@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate_plan(runs)  # bad knobs or missing data fail here, before anything is written
     started = time.perf_counter()
     print(f"main job ({MAIN_JOB.id} at scale {SCALE}): {len(runs)} runs in {out / 'runs'}", flush=True)
-    run_plan(runs, jobs=1 if args.sequential else len(runs), gpus=0, threads=None if args.sequential else 1,
-             progress=True)
+    with hold_sweep_lock(out):  # one main job per output folder at a time
+        run_plan(runs, jobs=1 if args.sequential else len(runs), gpus=0, threads=None if args.sequential else 1,
+                 progress=True)
     records = {run.variant.label: RunRecords.read(run.run_dir) for run in runs}
     table = per_layer_table(records)
     plot = plot_benign_vs_malign(records, out / "benign_vs_malign.png",

@@ -1,7 +1,7 @@
 """The sweep runner: expand an experiment into trainer runs, run what is missing, resume what was cut.
 
 Layout of an output folder:
-    OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train.loop` run directory per distinct knob set
+    OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train` run directory per distinct knob set
     OUT/<ID>/sweep.json         the experiment's plan: its variants and the run directory of each
 Identical knob sets (the clean-label reference, a run two experiments share) map to one directory,
 so they are trained once. A run with summary.json is finished and skipped; one with config.json but
@@ -32,6 +32,7 @@ from fastmem.errors import fail
 from fastmem.experiments.specs import SCALE_BASE, SCALES, SPECS, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
 from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type
+from fastmem.run.lock import RunLock, hold_run_lock, remove_stale_temps
 from fastmem.run.metrics import RunRecords
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -119,7 +120,7 @@ def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Ma
 def validate_plan(runs: Sequence[PlannedRun]) -> None:
     """Check every run's knobs and that its data is there, before any run starts."""
     from fastmem.data.splits import select_run_data
-    from fastmem.train.loop import validate
+    from fastmem.train.build import validate
     from fastmem.train.reinit import check_init_knobs
 
     checked: set[tuple[Any, ...]] = set()
@@ -135,6 +136,23 @@ def validate_plan(runs: Sequence[PlannedRun]) -> None:
             select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
                             image_size=cfg.image_size, seed=cfg.seed)
             checked.add(key)
+
+
+SWEEP_LOCK_HINT = "wait for it or choose another --out"
+
+
+def hold_sweep_lock(out: Path) -> RunLock:
+    """Take OUT/.lock for this sweep runner (one per output folder) and clear OUT's stale temporary files.
+
+    The run directories under OUT/runs are left to their trainers, which hold their own locks.
+    """
+    lock = hold_run_lock(out, hint=SWEEP_LOCK_HINT)
+    try:
+        remove_stale_temps(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def write_plan(experiment: Experiment, scale: str, out: Path, runs: Sequence[PlannedRun]) -> Path:

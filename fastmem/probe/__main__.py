@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import time
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
 from fastmem.models import create_model
 from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastmem.run.config import load_run_config
+from fastmem.run.config import TrainConfig, load_run_config
+from fastmem.run.lock import hold_run_lock, remove_stale_temps
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
 
 from . import TRT_ENGINE_DIR, EmbeddingCache, probe_knn
@@ -56,9 +58,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe_run(args)
 
 
+LOCK_HINT = "wait for it to finish"
+
+
 def probe_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
+    cache_dir = None if args.no_cache else Path(args.cache_dir or run_dir / "embeddings")
+    with contextlib.ExitStack() as locks:
+        if rank_info().is_main:  # one process per run directory (and cache); under torchrun rank 0 holds it
+            for directory in _lock_domains(run_dir, cache_dir):
+                locks.enter_context(hold_run_lock(directory, hint=LOCK_HINT))
+                remove_stale_temps(directory)
+        return _probe(args, run_dir, cfg, cache_dir)
+
+
+def _lock_domains(run_dir: Path, cache_dir: Path | None) -> list[Path]:
+    """The run directory, and the cache directory too when it lies outside it."""
+    if cache_dir is None or cache_dir.resolve().is_relative_to(run_dir.resolve()):
+        return [run_dir]
+    return [run_dir, cache_dir]
+
+
+def _probe(args: argparse.Namespace, run_dir: Path, cfg: TrainConfig, cache_dir: Path | None) -> int:
     device = rank_device(resolve_device(args.device))
     dtype = resolve_precision(args.precision, device)
     if args.extract_batch_size < 1:
@@ -83,7 +105,7 @@ def probe_run(args: argparse.Namespace) -> int:
     unknown = [name for name in layers if name not in model.probe_points]
     if unknown:
         fail(f"unknown probe point(s) {', '.join(unknown)}; this model has {', '.join(model.probe_points)}")
-    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or run_dir / "embeddings")
+    cache = None if cache_dir is None else EmbeddingCache(cache_dir)
     started = time.perf_counter()
     accuracy = probe_knn(model, train.images, train.labels, test.images, test.labels, device=device, dtype=dtype,
                          k=args.k, vote=args.vote, temperature=args.temperature, num_classes=train.num_classes,

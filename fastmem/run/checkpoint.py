@@ -1,7 +1,11 @@
 """Checkpoints: written atomically, loaded with `weights_only=True` (no pickled code from files).
 
 A checkpoint holds the model, optimizer and grad-scaler states, the completed epoch, and the RNG
-states of torch, numpy and Python, so a resumed run continues exactly where it stopped.
+states of torch, numpy and Python, so a resumed run continues exactly where it stopped. One written
+on a stop signal mid-epoch also holds `in_progress`: {"epoch": the epoch under way, "step": the steps
+done in it, "losses" (float tensor of their losses), "fit_random", "fit_true" (int64 hit counts), "seen"
+(images), "seconds"}; its `epoch` stays the last completed one, so readers that ignore `in_progress` see
+a consistent (if slightly newer) model. A write interrupted by a second signal leaves the previous file.
 """
 
 from __future__ import annotations

@@ -1,0 +1,215 @@
+"""Building a training run: resolve its directory and config, check it, load its data and labels, build
+model, optimizer and loader, and restore a checkpoint (loop.py then runs its epochs).
+
+Owns `Run` (everything the epoch loop needs) and `build_run`; `validate` rejects bad knobs before any
+work, and the run directory's lock is taken before anything is read or written in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastmem.data import ArrayDataset, canonical_name
+from fastmem.data.iid_views import build_iid_view_pool
+from fastmem.data.labels import RunLabels, load_labels, make_targets, save_labels
+from fastmem.data.splits import load_run_splits
+from fastmem.distributed import (
+    RankInfo,
+    barrier,
+    check_sync_bn,
+    is_main_rank,
+    per_rank_batch,
+    rank_device,
+    rank_info,
+    wrap_data_parallel,
+)
+from fastmem.errors import fail
+from fastmem.io_utils import write_json_atomic
+from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
+from fastmem.pipelines import AugmentSpec, ViewPool, check_pipeline, make_loader
+from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state
+from fastmem.run.config import RESUMABLE_KNOBS, TrainConfig, load_run_config
+from fastmem.run.lock import hold_run_lock, remove_stale_temps
+from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger
+from fastmem.runtime import resolve_device, resolve_precision, set_cpu_threads
+from fastmem.train.interrupt import StopSignals
+from fastmem.train.mixing import check_mixing_knobs
+from fastmem.train.reinit import check_init_knobs, init_from_checkpoint
+
+
+@dataclass
+class RunData:
+    train: ArrayDataset
+    probe_queries: ArrayDataset
+    labels: RunLabels
+    view_pool: ViewPool | None = None  # --iid-views: reserved same-class images per training image
+
+
+def validate(cfg: TrainConfig) -> AugmentSpec:
+    """Reject bad knob values and combinations before any work starts; the parsed augmentation spec."""
+    if cfg.epochs < 0:
+        fail(f"--epochs must be >= 0, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        fail(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        fail(f"--lr must be positive, got {cfg.lr}")
+    if cfg.checkpoint_every < 1:
+        fail(f"--checkpoint-every must be >= 1, got {cfg.checkpoint_every}")
+    if cfg.subset < 0 or cfg.probe_subset < 0 or cfg.workers < 0 or cfg.threads < 0:
+        fail("--subset, --probe-subset, --workers and --threads must be >= 0")
+    if not 0.0 <= cfg.label_noise <= 1.0:
+        fail(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
+    if cfg.probe_project_dim < 0:
+        fail(f"--probe-project-dim must be >= 0, got {cfg.probe_project_dim}")
+    if cfg.probe_k < 1:
+        fail(f"--probe-k must be >= 1, got {cfg.probe_k}")
+    if not cfg.probe_temperature > 0:
+        fail(f"--probe-temperature must be positive, got {cfg.probe_temperature}")
+    if cfg.probe_every < -1:
+        fail(f"--probe-every must be >= -1, got {cfg.probe_every}")
+    if cfg.model not in MODEL_NAMES:
+        fail(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_NAMES)}")
+    canonical_name(cfg.dataset)
+    spec = AugmentSpec.parse(cfg.augment)
+    if cfg.iid_views < 0:
+        fail(f"--iid-views must be >= 0, got {cfg.iid_views}")
+    check_pipeline(cfg.pipeline, spec, view_pool=cfg.iid_views > 0)  # augment ops and --iid-views, before any data
+    check_mixing_knobs(cfg.mixup, cfg.cutmix)
+    check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)
+    return spec
+
+
+def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) -> tuple[TrainConfig, Path, bool]:
+    """Pick the run directory; when resuming, reload its config and apply only harmless overrides."""
+    if resume is None:
+        run_dir = Path(cfg.out or Path("runs") / cfg.run_name())
+        if (run_dir / "config.json").exists():
+            fail(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+        return dataclasses.replace(cfg, out=str(run_dir)), run_dir, False
+    run_dir = Path(resume)
+    saved = load_run_config(run_dir)
+    conflicting = sorted(
+        name for name in explicit - RESUMABLE_KNOBS if getattr(cfg, name) != getattr(saved, name)
+    )
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUMABLE_KNOBS - {"out"}))
+        fail(f"{run_dir} was run with other values of {flags}; a resumed run may only change {allowed}")
+    overrides = {name: getattr(cfg, name) for name in explicit & RESUMABLE_KNOBS if name != "out"}
+    return dataclasses.replace(saved, out=str(run_dir), **overrides), run_dir, True
+
+
+def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
+    """Training images (optionally a seeded subset), probe queries, and the run's labels."""
+    splits = load_run_splits(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
+                             image_size=cfg.image_size, seed=cfg.seed)
+    train, test = splits.train, splits.test
+    view_pool = build_iid_view_pool(splits, cfg.iid_views, cfg.seed) if cfg.iid_views else None
+    labels = make_targets(train.labels, train.num_classes, cfg.label_noise, cfg.label_seed)
+    labels_path = run_dir / "labels.npz"
+    if resuming and labels_path.exists():
+        saved = load_labels(labels_path)
+        if not np.array_equal(saved.targets, labels.targets) or not np.array_equal(saved.true_labels, labels.true_labels):
+            fail(f"{labels_path}: saved labels differ from the ones this config draws (data changed?)")
+    elif is_main_rank():  # under torchrun only rank 0 writes files
+        save_labels(labels_path, labels)
+    return RunData(train, test, labels, view_pool)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Run:
+    """A built run, ready for its epoch loop: config, directory, model, optimizer, loader and logger."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    ranks: RankInfo
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype (None = fp32)
+    data: RunData
+    model: EncoderProjector  # the module itself: checkpoints and probes read it
+    step_model: torch.nn.Module  # what the training steps call: `model` under DDP (world > 1) and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: AugmentSpec
+    loader: Any
+    true_labels: torch.Tensor  # on `device`, indexed by sample index
+    metrics: MetricsLogger
+    start_epoch: int  # the last completed epoch (0 for a fresh run)
+    batch_per_rank: int
+    resume_point: dict[str, Any] | None = None  # a mid-epoch checkpoint's `in_progress`, plus its `rng`
+    stop: StopSignals = dataclasses.field(default_factory=lambda: StopSignals(enabled=False))
+
+
+def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None = None) -> Run:
+    """Resolve and check the config, load data and labels, build model, optimizer and loader, restore a checkpoint."""
+    explicit = set(explicit if explicit is not None else {f.name for f in dataclasses.fields(cfg)})
+    cfg, run_dir, resuming = resolve_run_dir(cfg, explicit, resume)
+    augment = validate(cfg)  # the loader gets the parsed spec; config.json keeps the text
+    ranks = rank_info()  # torchrun: this process's rank and the world size (1 without torchrun)
+    batch_per_rank = per_rank_batch(cfg.batch_size, ranks.world)  # --batch-size is global
+    device = rank_device(resolve_device(cfg.device))
+    check_sync_bn(cfg.sync_bn, device)
+    dtype = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        set_cpu_threads(cfg.threads)
+    if ranks.is_main:  # one process per run directory (under torchrun rank 0 holds it for all ranks)
+        hold_run_lock(run_dir)
+        remove_stale_temps(run_dir)  # temp files of interrupted writes: safe to delete only under the lock
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resuming and (run_dir / CHECKPOINT_NAME).exists() else None
+
+    barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_run_data(cfg, run_dir, resuming)
+
+    torch.manual_seed(cfg.seed)
+    height, _, channels = data.train.image_shape
+    model: EncoderProjector = create_model(
+        cfg.model, num_classes=data.train.num_classes, in_channels=channels, image_size=height,
+        width=cfg.width, bottleneck_dim=cfg.bottleneck_dim,
+    ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if checkpoint is None and cfg.init_from:  # experiment J: trained weights, named parts freshly initialized
+        init_from_checkpoint(model, cfg.init_from, cfg.reinit)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_epoch = int(checkpoint["epoch"])
+    resume_point = None
+    if checkpoint is not None and checkpoint.get("in_progress") is not None:
+        resume_point = {**checkpoint["in_progress"], "rng": checkpoint["rng"]}
+    parallel_model = wrap_data_parallel(model, device, cfg.sync_bn)  # DDP when world > 1; shares `model`'s weights
+    step_model = torch.compile(parallel_model) if cfg.compile else parallel_model
+
+    loader = make_loader(
+        cfg.pipeline, data.train.images, data.labels.targets, augment=augment, batch_size=batch_per_rank,
+        rank=ranks.rank, world=ranks.world, device=device, seed=cfg.seed, label_seed=cfg.label_seed, workers=cfg.workers,
+        channels_last=cfg.channels_last, num_classes=data.train.num_classes, view_pool=data.view_pool,
+    )
+    true_labels = torch.as_tensor(data.labels.true_labels, device=device)
+    if ranks.is_main:
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
+    metrics = MetricsLogger(run_dir, cfg.tensorboard) if ranks.is_main else DiscardingMetricsLogger()
+    metrics.truncate_after(start_epoch)
+    return Run(cfg, run_dir, ranks, device, dtype, data, model, step_model, optimizer, scaler, augment, loader,
+               true_labels, metrics, start_epoch, batch_per_rank, resume_point)
