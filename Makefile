@@ -12,7 +12,7 @@ demo: setup
 	$(PY) -m fastmem.demo $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check fastmem pipelines kernels tests benchmarks

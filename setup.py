@@ -29,7 +29,7 @@ setup(
         "cuda13": ["cupy-cuda13x"],
         "trt": ["torch-tensorrt"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "scikit-learn", "faiss-cpu", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff", "scikit-learn", "faiss-cpu", "tensorboard"],
     },
     entry_points={"console_scripts": ["fastmem-train=fastmem.train:cli", "fastmem-demo=fastmem.demo:cli",
                                       "fastmem-experiments=fastmem.experiments.__main__:cli", "fastmem-report=fastmem.report:cli"]},

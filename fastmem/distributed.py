@@ -5,20 +5,42 @@ rank's device, the global → per-rank batch split, the DDP wrapper (plain Batch
 and the few collectives the trainer needs (epoch totals, a finite-loss check, BatchNorm buffers
 from rank 0). Every helper works without a process group as the single-process case (world 1), so
 the trainer calls them unconditionally. Only rank 0 writes files and prints; see `is_main_rank`.
+
+Failures: a rank that fails prints its own error (one line for a user error) and exits at once; its
+sockets close, so every peer's next collective fails within moments, and `distributed_session` turns
+that failure into one line naming the rank (`PeerLost`, exit 2) instead of a traceback per rank.
+Under torchrun the agent also sees the exit and sends SIGTERM to the other workers. A peer that
+hangs, or never joins, is bounded by the process group's timeout: $FASTMEM_DDP_TIMEOUT_S seconds
+(default 300) for the rendezvous and for any one collective, gloo and NCCL alike. With NCCL, PyTorch's
+watchdog enforces it: `TORCH_NCCL_ASYNC_ERROR_HANDLING=3` (PyTorch's default, set unless the user set
+another value) tears a rank down when a collective times out or a peer's communicator fails.
+Signals (SIGINT, SIGTERM) keep their default effect under DDP (see fastmem/train/interrupt.py): the
+rank ends where it is and the last checkpoint, written by rank 0 through a rename, stays intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from fastmem.errors import fail
+from fastmem.errors import FastmemError, fail
+
+TIMEOUT_ENV = "FASTMEM_DDP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0  # the longest a rank waits for its peers (rendezvous, any one collective)
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[.../pair.cc:561] " prefix
+
+
+class PeerLost(FastmemError):
+    """A collective failed on this rank because another rank failed, was killed, hangs or never joined."""
 
 
 @dataclass(frozen=True)
@@ -56,22 +78,68 @@ def is_main_rank() -> bool:
     return rank_info().is_main
 
 
+def process_group_timeout() -> timedelta:
+    """How long a rank waits for its peers, in the rendezvous and in any one collective ($FASTMEM_DDP_TIMEOUT_S)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        fail(f"${TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The reason a collective gives for a lost peer (its first sentence), or None for any other error.
+
+    Gloo raises plain RuntimeErrors from its transport ("Connection closed by peer", "Timed out
+    waiting ..."); NCCL and the TCP store raise `torch.distributed.DistError`s.
+    """
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text.lower())):
+        return None
+    first_line = _SOURCE_LOCATION.sub("", text.splitlines()[0]) if text else type(error).__name__
+    return first_line.split(". ")[0].rstrip(".")
+
+
+def _peer_lost(rank: int, world: int, what: str, reason: str) -> PeerLost:
+    waited = process_group_timeout().total_seconds()
+    return PeerLost(f"rank {rank} of {world} stopped: {what} ({reason}); another rank failed, was killed or hangs, "
+                    f"and its own output names the cause (ranks wait {waited:g} s for each other: ${TIMEOUT_ENV})")
+
+
+def join_process_group() -> None:
+    """Join torchrun's process group (gloo; gloo + NCCL where this rank has a GPU), bounded by the timeout."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # the watchdog ends a rank stuck in NCCL
+    timeout = process_group_timeout()
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except (RuntimeError, TimeoutError) as error:  # the TCP store: a rank that never came, or a gone host
+        reason = peer_failure(error) or str(error).strip().splitlines()[0]
+        raise _peer_lost(int(os.environ.get("RANK", "0")), launched_world(), "the process group never formed",
+                         reason) from None
+
+
 @contextlib.contextmanager
 def distributed_session() -> Iterator[RankInfo]:
     """Join the torchrun process group (when WORLD_SIZE > 1), silence stdout on ranks > 0, leave at exit.
 
     One group serves both devices: gloo carries CPU tensors and, where CUDA exists, NCCL carries
     CUDA tensors, so `--device cpu` and `--device cuda` both work under the same launch. A group that
-    is already initialized (by the caller) is used as is and left alone.
+    is already initialized (by the caller) is used as is and left alone. A collective that fails
+    because a peer is gone becomes `PeerLost`: one line naming this rank, not a traceback per rank.
     """
     created = False
     if launched_world() > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "gloo"
-        if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)
-            backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend=backend)
+        join_process_group()
         created = True
     info = rank_info()
     saved_stdout = sys.stdout
@@ -81,6 +149,11 @@ def distributed_session() -> Iterator[RankInfo]:
         yield info
         if created:  # leave together: a rank tearing down while a peer still writes can abort gloo's threads
             dist.barrier()
+    except Exception as error:
+        reason = peer_failure(error) if info.world > 1 else None
+        if reason is None:
+            raise
+        raise _peer_lost(info.rank, info.world, "a collective failed", reason) from None
     finally:
         if sys.stdout is not saved_stdout:
             sys.stdout.close()

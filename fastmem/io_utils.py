@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fastmem.errors import DiskFullError, disk_full_errno
+
 TEMP_SUFFIX = ".tmp"
 # `.<name>.<8 chars>.tmp`: atomic_path's names (and tempfile.mkstemp's, which earlier versions used).
 _ATOMIC_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -73,8 +75,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` atomically, else it is removed.
 
     The file is fsynced before the rename and its directory after it; it gets mode 0o666 less the umask.
+    A write that finds no room (ENOSPC, EDQUOT, EFBIG) raises `DiskFullError` naming `path`, with the
+    temporary file removed and `path` untouched.
     """
     target = Path(path)
+    try:
+        with _atomic_temp(target) as tmp:
+            yield tmp
+    except (OSError, RuntimeError) as err:
+        code = disk_full_errno(err)
+        if code is None or isinstance(err, DiskFullError):
+            raise
+        raise DiskFullError(target, code) from err
+
+
+@contextmanager
+def _atomic_temp(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(target)
     try:

@@ -9,6 +9,11 @@ smaller files, decoded by FFCV on CPU). Image folders go through the source's ow
 resize, so every backend trains on the same pixels. Augmentation is not stored: the loader executes
 the shared sampler's parameters.
 
+`read_beton_header` checks a `.beton` (version, field table, metadata and allocation table against the file's
+size, every sample's data pointer) with numpy alone, before FFCV maps it: FFCV itself meets a truncated or
+garbage file with assertion, index or type errors, or with a loader thread that never returns. `import_ffcv`
+makes every FFCV Reader (the backend's and its Loader's) run it first.
+
 (This module's name shadows nothing: `import ffcv` below is absolute and finds the FFCV package.)
 """
 
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,7 @@ def import_ffcv() -> Any:
         import ffcv.writer
     except ImportError as err:
         fail(f"{FFCV_MISSING} ({err})")
+    _check_before_reading(ffcv.reader.Reader)
     compiler = ffcv.pipeline.compiler.Compiler
     if not getattr(compiler, "_fastmem_numba_only", False):
         compiler.set_num_threads = classmethod(_set_numba_threads)
@@ -69,6 +77,159 @@ def _set_numba_threads(cls: Any, n: int) -> None:
     n = n if n >= 1 else len(os.sched_getaffinity(0))
     cls.num_threads = n
     numba.set_num_threads(n)
+
+
+def _check_before_reading(reader: Any) -> None:
+    """Make FFCV's Reader run `read_beton_header` on its file first (once per process)."""
+    if getattr(reader, "_fastmem_checked", False):
+        return
+    original = reader.__init__
+
+    def checked_init(self: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+        read_beton_header(fname)
+        original(self, fname, *args, **kwargs)
+
+    reader.__init__ = checked_init
+    reader._fastmem_checked = True
+
+
+# FFCV's on-disk layout (ffcv/types.py, format version 2), restated so a file is checked before FFCV reads it.
+BETON_VERSION = 2
+_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+                    ("alloc_table_ptr", "<u8")], align=True)
+_FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+_ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+_NDARRAY_ARGS = np.dtype([("shape", "<u8", 32), ("type_length", "<u8")])
+_POINTER_STRUCT = np.dtype([("ptr", "<u8"), ("size", "<u8")])
+# type id -> (kind, per-sample metadata dtype, the metadata entry that points into the allocation table)
+_FIELD_KINDS: dict[int, tuple[str, np.dtype, str | None]] = {
+    0: ("float", np.dtype("<f8"), None),
+    1: ("int", np.dtype("<i8"), None),
+    2: ("rgb_image", np.dtype([("mode", "u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")]), "data_ptr"),
+    3: ("bytes", _POINTER_STRUCT, "ptr"),
+    4: ("ndarray", np.dtype("<u8"), ""),
+    5: ("json", _POINTER_STRUCT, "ptr"),
+    6: ("torch_tensor", np.dtype("<u8"), ""),
+}
+MAX_FIELDS = 64
+
+
+@dataclass(frozen=True)
+class BetonField:
+    """One field of a .beton: its name, kind (int, ndarray, rgb_image, ...) and, for arrays, dtype and shape."""
+
+    name: str
+    kind: str
+    dtype: np.dtype | None = None
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BetonHeader:
+    """What a checked .beton declares: sample count, page size and fields in order."""
+
+    path: Path
+    num_samples: int
+    page_size: int
+    fields: tuple[BetonField, ...]
+
+
+def read_beton_header(path: str | os.PathLike[str]) -> BetonHeader:
+    """Check an FFCV .beton's header, field table, metadata and allocation table; one line naming it if damaged."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return _checked_header(path, handle, size)
+    except OSError as err:
+        fail(f"{path}: cannot read the .beton ({err.strerror or err})")
+
+
+def _bad(path: Path, what: str) -> None:
+    fail(f"{path}: {what}; not a readable FFCV .beton (write one with python -m fastmem.pipelines.ffcv write)")
+
+
+def _read_at(handle: Any, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+    handle.seek(offset)
+    return np.frombuffer(handle.read(count * dtype.itemsize), dtype=dtype, count=count)
+
+
+def _checked_header(path: Path, handle: Any, size: int) -> BetonHeader:
+    if size < _HEADER.itemsize:
+        _bad(path, f"{size} bytes, shorter than the {_HEADER.itemsize}-byte header (truncated?)")
+    header = _read_at(handle, 0, 1, _HEADER)[0]
+    version, num_fields = int(header["version"]), int(header["num_fields"])
+    page_size, num_samples, table = int(header["page_size"]), int(header["num_samples"]), int(header["alloc_table_ptr"])
+    if version != BETON_VERSION:
+        _bad(path, f"format version {version}, expected {BETON_VERSION}")
+    if not 1 <= num_fields <= MAX_FIELDS:
+        _bad(path, f"{num_fields} fields declared")
+    if page_size < 1 or page_size & (page_size - 1):
+        _bad(path, f"page size {page_size} is not a power of two")
+    fields_end = _HEADER.itemsize + num_fields * _FIELD_DESC.itemsize
+    if fields_end > size:
+        _bad(path, f"{size} bytes, too short for its {num_fields} field descriptors (truncated?)")
+    descriptors = _read_at(handle, _HEADER.itemsize, num_fields, _FIELD_DESC)
+    fields = tuple(_field(path, d) for d in descriptors)
+    if len({f.name for f in fields}) != len(fields):
+        _bad(path, "duplicate field names")
+    kinds = [_FIELD_KINDS[int(d["type_id"])] for d in descriptors]
+    metadata_type = np.dtype([(f"f{i}", kind[1]) for i, kind in enumerate(kinds)], align=True)
+    metadata_end = fields_end + num_samples * metadata_type.itemsize
+    if not metadata_end <= table <= size or (size - table) % _ALLOC_ENTRY.itemsize:
+        _bad(path, f"allocation table at byte {table} does not fit {num_samples} samples' metadata in {size} bytes "
+                   "(truncated?)")
+    entries = _read_at(handle, table, (size - table) // _ALLOC_ENTRY.itemsize, _ALLOC_ENTRY)
+    ends = entries["ptr"].astype(np.uint64) + entries["size"]
+    if entries.size and (int(entries["ptr"].min()) < metadata_end or int(ends.max()) > table
+                         or int(entries["sample_id"].max()) >= num_samples or bool((ends < entries["ptr"]).any())):
+        _bad(path, "allocation table points outside the file's data")
+    metadata = _read_at(handle, fields_end, num_samples, metadata_type)
+    known = entries["ptr"]
+    for i, (field, kind) in enumerate(zip(fields, kinds)):
+        pointer = kind[2]
+        if pointer is None:
+            continue
+        column = metadata[f"f{i}"] if pointer == "" else metadata[f"f{i}"][pointer]
+        if not np.isin(column, known).all():
+            _bad(path, f"field {field.name!r}: a sample's data is missing from the allocation table")
+    return BetonHeader(path, num_samples, page_size, fields)
+
+
+def _field(path: Path, descriptor: np.void) -> BetonField:
+    """A field descriptor, checked: known type, printable name, readable array arguments."""
+    type_id = int(descriptor["type_id"])
+    raw_name = bytes(descriptor["name"]).split(b"\0", 1)[0]
+    if type_id not in _FIELD_KINDS:
+        _bad(path, f"field type {type_id} is not one fastmem reads")
+    try:
+        name = raw_name.decode("ascii")
+    except UnicodeDecodeError:
+        name = ""
+    if not name or not name.isprintable():
+        _bad(path, f"field name {raw_name!r} is not printable text")
+    kind = _FIELD_KINDS[type_id][0]
+    if kind not in ("ndarray", "torch_tensor"):
+        return BetonField(name, kind)
+    arguments = np.asarray(descriptor["arguments"])
+    args = arguments[: _NDARRAY_ARGS.itemsize].view(_NDARRAY_ARGS)[0]
+    length = int(args["type_length"])
+    shape = [int(d) for d in args["shape"]]
+    while shape and shape[-1] == 0:
+        shape.pop()
+    try:
+        if not 0 < length <= arguments.size - _NDARRAY_ARGS.itemsize or not shape or 0 in shape:
+            raise ValueError("array shape or dtype length")
+        description = json.loads(arguments[_NDARRAY_ARGS.itemsize:][:length].tobytes().decode("ascii"))
+        if not isinstance(description, list) or len(description) != 1 or not isinstance(description[0], list) \
+                or not all(isinstance(part, str) for part in description[0]):
+            raise ValueError("dtype description")
+        dtype = np.dtype([tuple(description[0])])["f0"]
+    except (ValueError, TypeError, RecursionError) as err:
+        _bad(path, f"field {name!r}: unreadable array arguments ({' '.join(str(err).split())[:80]})")
+    if dtype.hasobject:
+        _bad(path, f"field {name!r}: object arrays")
+    return BetonField(name, kind, dtype, tuple(shape))
 
 
 class _Samples:

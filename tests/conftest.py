@@ -13,6 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-minutes", type=float, default=None, metavar="N",
+                     help="run tests/test_fuzz_readers.py for about N minutes in all (default: a bounded CI budget; "
+                          "also $FASTMEM_FUZZ_MINUTES)")
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FASTMEM_OFFLINE", "1")

@@ -20,7 +20,9 @@ TODAYS_DEMO_COMMAND = [
     "--bottleneck-dim", "4096", "--batch-size", "256", "--loss", "mse", "--optimizer", "adam", "--lr", "3e-4",
     "--device", "cpu", "--precision", "fp32", "--threads", "1", "--progress", "false", "--checkpoint-every", "10",
 ]
-RUN_DIRS = {"full": "augmentfull-label_noise1.0-d422bc759b", "none": "augmentnone-label_noise1.0-4cfb5d740a"}
+# The identity (fastmem/experiments/sweep.py RUN_FORMAT + the resolved config) of today's runs: a change here means a
+# finished `make demo` run is no longer reused, so it must come with a RUN_FORMAT bump or a recipe change, on purpose.
+RUN_DIRS = {"full": "augmentfull-label_noise1.0-2649e2083e", "none": "augmentnone-label_noise1.0-1ad88fb5fe"}
 
 
 def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path) -> None:
@@ -29,7 +31,7 @@ def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path) -> 
     for run, augment in zip(runs, ("full", "none")):
         expected, _, _ = parse_args([*TODAYS_DEMO_COMMAND, "--augment", augment, "--out", str(run.run_dir)])
         assert run.config == expected
-        assert run.run_dir == tmp_path / "runs" / RUN_DIRS[augment]  # finished demo runs stay found
+        assert run.run_dir == tmp_path / "runs" / RUN_DIRS[augment]  # the identity is pinned on purpose
         started, _, _ = parse_args(train_command(run, threads=1)[3:])  # what the sweep runner starts
         assert started == expected
 
@@ -78,3 +80,12 @@ def test_demo_trains_both_runs_and_writes_table_and_plot(tmp_path: Path) -> None
     assert shown.stdout.count("[finished]") == 2
     for run_dir in run_dirs.values():
         assert str(run_dir) in shown.stdout
+    # Other arguments in the same output folder: their own runs are trained, the earlier finished ones kept as they were.
+    kept = {d: (d / "summary.json").read_bytes() for d in run_dirs.values()}
+    other = run_module("fastmem.demo", "--out", str(out), *TINY, "--epochs", "1")
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.count("[start") == 2 and "[skip]" not in other.stdout
+    assert "describes other arguments" in other.stdout and "| full augmentation (epoch 1) |" in other.stdout
+    new_dirs = {Path(d) for d in json.loads((out / "summary.json").read_text())["runs"].values()}
+    assert not new_dirs & set(run_dirs.values()) and all((d / "summary.json").exists() for d in new_dirs)
+    assert {d: (d / "summary.json").read_bytes() for d in run_dirs.values()} == kept

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -14,7 +17,8 @@ import pytest
 from conftest import REPO, run_module
 
 from fastmem.errors import FastmemError
-from fastmem.experiments import EXPERIMENTS, Experiment, Variant, plan_experiment
+from fastmem.experiments import EXPERIMENTS, Experiment, Variant, plan_experiment, sweep
+from fastmem.run.config import TrainConfig
 from fastmem.run.metrics import RunRecords, read_metrics
 
 TIMING_KEYS = {"images_per_s", "seconds"}
@@ -77,6 +81,25 @@ def test_shared_runs_train_once_and_j_starts_from_its_source(smoke_sweeps: Path)
             assert config["reinit"] and config["label_seed"] == 1
 
 
+def test_a_full_disk_during_a_report_is_one_line_and_leaves_the_previous_report(smoke_sweeps: Path) -> None:
+    """RLIMIT_FSIZE below a PNG's size (writes past it fail with EFBIG, as on a full disk)."""
+    report_dir = smoke_sweeps / "A" / "report"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(report_dir.iterdir())}
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_096, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "FASTMEM_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "fastmem.report", str(smoke_sweeps / "A")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastmem: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert ".png: cannot write it" in errors[0] and "disk full" in errors[0], errors[0]
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(report_dir.iterdir())}
+    assert after == before  # every figure and report.md as they were; no temp file left
+
+
 def _sweep_command(out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmem.experiments", "run", "A", "--scale", "smoke", "--out", str(out),
             "--jobs", "1", "--set", "epochs=6", "--no-report"]
@@ -134,14 +157,55 @@ def test_paper_scale_without_cifar_fails_before_any_run(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_run_identities_stay_those_of_existing_sweep_folders(tmp_path: Path) -> None:
-    """The run directories of results/fashion-mnist-cpu (A, and J's chain through its source's identity)."""
+def test_run_identities_are_pinned(tmp_path: Path) -> None:
+    """A's run directories, and J's chain through its source's identity: a change here stops finished runs from being
+    reused (results/fashion-mnist-cpu names the runs of the previous identity), so it must be deliberate."""
     a = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["A"], "cpu", tmp_path, {})}
-    assert a == {"random labels, full aug": "augmentfull-label_noise1.0-ce4902721e",
-                 "random labels, no aug": "augmentnone-label_noise1.0-c408e5253a",
-                 "clean labels, full aug": "augmentfull-label_noise0.0-083142e9fb"}
+    assert a == {"random labels, full aug": "augmentfull-label_noise1.0-61744649ec",
+                 "random labels, no aug": "augmentnone-label_noise1.0-4239228b93",
+                 "clean labels, full aug": "augmentfull-label_noise0.0-83b76f29a4"}
     j = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["J"], "cpu", tmp_path, {})}
-    assert j["reset stage4,head"] == "augmentnone-epochs50-label_noise1.0-label_seed1-reinitstage4_head-2459a5edd6"
+    assert j["reset stage4,head"] == "augmentnone-epochs50-label_noise1.0-label_seed1-reinitstage4_head-43cce147d9"
+
+
+def _run_dirs(tmp_path: Path, overrides: dict) -> list[str]:
+    return [r.run_dir.name for r in plan_experiment(EXPERIMENTS["A"], "smoke", tmp_path, overrides)]
+
+
+def test_identity_is_the_resolved_config_and_the_run_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _run_dirs(tmp_path, {})
+    # Execution-only knobs (config.py metadata `execution`) leave it alone; a knob set to its default changes nothing.
+    assert _run_dirs(tmp_path, {"threads": 2, "progress": True, "workers": 3, "checkpoint_every": 7}) == base
+    assert _run_dirs(tmp_path, {"probe_k": TrainConfig().probe_k, "momentum": TrainConfig().momentum}) == base
+    # A knob that changes results, given or as a changed default, plans other directories.
+    assert not set(_run_dirs(tmp_path, {"probe_k": TrainConfig().probe_k + 1})) & set(base)
+    # A changed default of a knob no spec names (weight_decay): the resolved config sees it.
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    defaults = list(TrainConfig.__init__.__defaults__)
+    defaults[names.index("weight_decay")] = 1e-4
+    with monkeypatch.context() as patched:
+        patched.setattr(TrainConfig.__init__, "__defaults__", tuple(defaults))
+        assert TrainConfig().weight_decay == 1e-4
+        assert not set(_run_dirs(tmp_path, {})) & set(base)
+    assert _run_dirs(tmp_path, {}) == base
+    # So does a new code/format version.
+    monkeypatch.setattr(sweep, "RUN_FORMAT", sweep.RUN_FORMAT + "+1")
+    assert not set(_run_dirs(tmp_path, {})) & set(base)
+
+
+def test_a_run_directory_holding_another_run_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = plan_experiment(EXPERIMENTS["A"], "smoke", out, {})[0]
+    run.run_dir.mkdir(parents=True)
+    foreign = {**run.config.to_dict(), "lr": 0.1}  # a finished run of another recipe under this run's name
+    (run.run_dir / "config.json").write_text(json.dumps(foreign))
+    (run.run_dir / "summary.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.run_dir.iterdir()}
+    result = run_module("fastmem.experiments", "run", "A", "--scale", "smoke", "--out", str(out), "--no-report")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{run.run_dir / 'config.json'}: this run directory holds another run (lr 0.1 (planned 0.0003))" in result.stderr
+    assert {p.name: p.read_bytes() for p in run.run_dir.iterdir()} == before
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [run.run_dir.name]  # nothing else started
 
 
 def test_a_spec_with_an_unknown_knob_is_rejected_when_planned(tmp_path: Path) -> None:

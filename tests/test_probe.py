@@ -104,8 +104,9 @@ def test_cache_keeps_extraction_precisions_apart(tmp_path: Path, monkeypatch) ->
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_norms", "garbage_sidecar"])
 def test_damaged_cache_entries_are_rebuilt_with_a_warning(tmp_path: Path, monkeypatch, damage: str) -> None:
     cache, calls = EmbeddingCache(tmp_path), []
-    first = _embed(_model(0), cache, calls, monkeypatch)
-    vectors = next(tmp_path.rglob("h.gap.npy"))
+    first = np.array(_embed(_model(0), cache, calls, monkeypatch)["h"].vectors)  # a copy: the entry maps the file
+    sidecar = next(tmp_path.rglob("h.gap.*.json"))  # <layer>.<reduction>.<config digest>.json
+    vectors, norms = sidecar.with_suffix(".npy"), sidecar.with_suffix(".norms.npy")
     if damage == "truncate":
         vectors.write_bytes(vectors.read_bytes()[:-100])
     elif damage == "flip_byte":
@@ -113,15 +114,15 @@ def test_damaged_cache_entries_are_rebuilt_with_a_warning(tmp_path: Path, monkey
         blob[-7] ^= 0xFF
         vectors.write_bytes(bytes(blob))
     elif damage == "delete_norms":
-        next(tmp_path.rglob("h.gap.norms.npy")).unlink()
+        norms.unlink()
     else:
-        next(tmp_path.rglob("h.gap.json")).write_text("{not json")
+        sidecar.write_text("{not json")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = _embed(_model(0), cache, calls, monkeypatch)
     assert calls == ["h,z", "h"]  # only the damaged layer is rebuilt
     assert any("damaged" in str(w.message) for w in caught)
-    assert np.array_equal(first["h"].vectors, again["h"].vectors)
+    assert np.array_equal(first, again["h"].vectors)
     assert cache.get is not None and len(_embed(_model(0), cache, calls, monkeypatch)) == 2 and calls == ["h,z", "h"]
 
 

@@ -1,7 +1,8 @@
 """CIFAR-10 and CIFAR-100 from the standard python-pickle batches (directory or original .tar.gz).
 
 Owns locating the batches (--data-dir, $FASTMEM_DATA), unpickling them safely (a restricted
-Unpickler that admits only numpy's array-reconstruction globals), validating shapes and labels,
+Unpickler that admits only numpy's array-reconstruction globals, so a pickle can build dicts, lists,
+strings and numpy arrays but never call anything else: no code in a file is ever run), validating shapes and labels,
 converting CHW planes to NHWC, and a writer that produces the exact standard layout for tests.
 """
 
@@ -48,10 +49,28 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 ROW_BYTES = 3 * 32 * 32
 
 _RECONSTRUCT: Callable[..., Any] = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+
+class _NdarrayName:
+    """What the name numpy.ndarray resolves to in a CIFAR pickle: an argument of `_reconstruct`, not callable
+    (calling numpy.ndarray itself would let a pickle allocate any size it names)."""
+
+
+def _reconstruct_empty(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's `_reconstruct` as numpy's own pickles call it: an empty plain ndarray that BUILD then fills.
+
+    Anything else (a subclass, a non-empty shape that would allocate before any data is seen) is refused.
+    """
+    if subtype is not _NdarrayName or not isinstance(shape, tuple) or shape != (0,):
+        raise DisallowedGlobal(f"numpy _reconstruct({subtype!r}, {shape!r})")
+    return _RECONSTRUCT(np.ndarray, (0,), dtype)
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_empty,
+    ("numpy", "ndarray"): _NdarrayName,
     ("numpy", "dtype"): np.dtype,
 }
 
@@ -60,14 +79,28 @@ class DisallowedGlobal(pickle.UnpicklingError):
     """A pickle referred to a global outside the numpy-array allow-list."""
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only numpy's ndarray reconstruction globals, nothing else."""
+class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the Python one: BUILD is overridable
+    """Unpickler that resolves only numpy's ndarray reconstruction globals, nothing else.
+
+    A dtype's BUILD state must be the one numpy itself pickles for that dtype: a damaged state makes a
+    dtype numpy cannot use (internal errors long after loading).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise DisallowedGlobal(f"{module}.{name}") from None
+
+    def load_build(self) -> None:
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.dtype) and state != target.__reduce__()[2]:
+            raise pickle.UnpicklingError(f"dtype {target} with a state numpy does not write: {state!r}"[:120])
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def safe_unpickle(blob: bytes, source: str) -> Any:

@@ -56,17 +56,28 @@ def _tiny_imagenet_val(split_dir: Path, class_names: tuple[str, ...]) -> tuple[l
     index = {name: i for i, name in enumerate(class_names)}
     files: list[str] = []
     labels: list[int] = []
-    for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
+    try:
+        text = annotations.read_bytes().decode("utf-8")
+    except OSError as err:
+        fail(f"{annotations}: cannot read it ({err.strerror or err})")
+    except UnicodeDecodeError as err:
+        fail(f"{annotations}: not UTF-8 text (byte {err.start}); not a Tiny-ImageNet annotation file")
+    for line_no, line in enumerate(text.splitlines(), 1):
         fields = line.split("\t")
         if not line.strip():
             continue
         if len(fields) < 2 or fields[1] not in index:
             fail(f"{annotations}:{line_no}: expected '<file>\\t<class in train/>', got {line[:80]!r}")
-        path = split_dir / "images" / fields[0]
+        name = fields[0]
+        if not name or "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+            fail(f"{annotations}:{line_no}: {name[:80]!r} is not a file name inside {split_dir / 'images'}")
+        path = split_dir / "images" / name
         if not path.is_file():
             fail(f"{path}: listed in {annotations} but missing")
         files.append(str(path))
         labels.append(index[fields[1]])
+    if not files:
+        fail(f"{annotations}: lists no images (empty or truncated)")
     return files, labels
 
 
@@ -114,7 +125,9 @@ def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
                 image = image.resize((size, size), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        fail(f"{path}: cannot decode image ({' '.join(str(err).split())})")
+        fail(f"{path}: cannot decode image ({' '.join(str(err).split())[:160]})")
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise other types on damaged files (struct.error, ...)
+        fail(f"{path}: cannot decode image ({type(err).__name__}: {' '.join(str(err).split())[:160]})")
     return array.reshape(size, size, channels)
 
 

@@ -4,13 +4,17 @@ The spec MAIN_JOB (fastmem/experiments/specs.py) at the `cpu` scale, run by the 
 experiment: the small CNN on entirely random labels, with the paper's full augmentation and with none,
 every layer probed with k-NN against the true labels (untrained, during and after training). Prints a
 per-layer table and writes a PNG plot and a markdown summary. The runs are sweep run directories,
-OUT/runs/<knobs>-<digest>/: finished runs are reused, interrupted ones resumed, and
+OUT/runs/<knobs>-<digest>/, named by their identity (the sweep's RUN_FORMAT and resolved config):
+finished runs of the same arguments are reused, interrupted ones resumed, and other arguments train
+their own runs beside the earlier ones (as a sweep tool keyed by config does; going back to the earlier
+arguments reuses theirs); the plot and summary describe the latest invocation.
 `python -m fastmem.experiments run main --scale cpu --out OUT` maps to the same directories.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastmem.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Random labels with and without augmentation on Fashion-MNIST; per-layer k-NN table and plot.",
+        epilog="Runs are kept in OUT/runs/<knobs>-<digest>, the digest naming fastmem's run format and every knob "
+               "that changes results: running again with the same arguments reuses the finished runs (resumes cut "
+               "ones); other arguments train new runs beside them, and the plot and summary then describe the "
+               "new ones. Remove OUT/runs/... to retrain a run from scratch.",
     )
     add = parser.add_argument
     add("--out", default="demo_out", help="output directory (runs/, plot, summary)")
@@ -66,6 +74,17 @@ def plan_main_job(args: argparse.Namespace) -> list[PlannedRun]:
     return plan_experiment(MAIN_JOB, SCALE, Path(args.out), demo_overrides(args))
 
 
+def earlier_runs(out: Path, runs: Sequence[PlannedRun]) -> list[str]:
+    """The run directories OUT/summary.json names that this invocation does not plan (an earlier one's arguments)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        named = [Path(d).name for d in summary["runs"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # no earlier summary (or not one of ours): nothing to say
+    planned = {run.run_dir.name for run in runs}
+    return [name for name in named if name not in planned]
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -93,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"main job ({MAIN_JOB.id} at scale {SCALE}): {len(runs)} runs in {out / 'runs'}", flush=True)
     with hold_sweep_lock(out):  # one main job per output folder at a time
+        earlier = earlier_runs(out, runs)
+        if earlier:
+            print(f"note: {out / 'summary.json'} describes other arguments ({', '.join(earlier)}); they are kept, "
+                  f"these arguments train their own runs", flush=True)
         run_plan(runs, jobs=1 if args.sequential else len(runs), gpus=0, threads=None if args.sequential else 1,
                  progress=True)
     records = {run.variant.label: RunRecords.read(run.run_dir) for run in runs}

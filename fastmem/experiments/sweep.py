@@ -4,8 +4,13 @@ Layout of an output folder:
     OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train` run directory per distinct knob set
     OUT/<ID>/sweep.json         the experiment's plan: its variants and the run directory of each
 Identical knob sets (the clean-label reference, a run two experiments share) map to one directory,
-so they are trained once. A run with summary.json is finished and skipped; one with config.json but
-no summary is resumed from its last checkpoint (exactly: the trainer's resume restores every RNG).
+so they are trained once. The digest is the run's identity: RUN_FORMAT (the format and code version of
+what a run computes) and every knob of the *resolved* TrainConfig (defaults filled in) but the
+execution-only ones (threads, progress, device, ...: `execution` in fastmem/run/config.py), so a changed
+recipe, a changed default or a new code version plans a new directory and never reuses a finished run.
+A run with summary.json is finished and skipped; one with config.json but no summary is resumed from
+its last checkpoint (exactly: the trainer's resume restores every RNG). A run directory whose
+config.json holds other knobs than the plan's is refused before any run starts.
 Runs go one per GPU on a multi-GPU machine, or `--jobs` side by side on a CPU; a line per run start and
 finish, and optionally a progress bar per running run. The experiments CLI (fastmem/experiments/__main__.py)
 and the main job (fastmem/experiments/demo.py) both plan, validate and run through here.
@@ -28,14 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmem.errors import fail
+from fastmem import __version__
+from fastmem.errors import FastmemError, fail
 from fastmem.experiments.specs import SCALE_BASE, SCALES, SPECS, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
-from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type
+from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type, load_run_config
 from fastmem.run.lock import RunLock, hold_run_lock, remove_stale_temps
 from fastmem.run.metrics import RunRecords
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# The format and code version in every run's identity: bump the number when a change of fastmem alters what a
+# finished run computed (its metrics or weights) without changing its knobs; the package version is in it too.
+RUN_FORMAT = f"fastmem-run/2 fastmem {__version__}"
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,21 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def run_identity(knobs: Mapping[str, Any]) -> str:
-    """A short digest of everything that changes what a run computes."""
-    relevant = {k: v for k, v in sorted(knobs.items()) if k not in EXECUTION_KNOBS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def identity_knobs(config: TrainConfig) -> dict[str, Any]:
+    """The knobs of a resolved config that change what the run computes (execution-only knobs left out)."""
+    return {k: v for k, v in sorted(config.to_dict().items()) if k not in EXECUTION_KNOBS}
+
+
+def run_identity(config: TrainConfig, source_identity: str | None = None) -> str:
+    """A short digest of everything that changes what a run computes: RUN_FORMAT and the resolved config's knobs.
+
+    `source_identity`: the identity of the run whose checkpoint `init_from` names (J), in place of its path.
+    """
+    knobs = identity_knobs(config)
+    if source_identity is not None:
+        knobs["init_from"] = source_identity
+    payload = {"format": RUN_FORMAT, "knobs": knobs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _slug(variant_knobs: Mapping[str, Any]) -> str:
@@ -100,18 +120,17 @@ def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Ma
         if unknown:
             fail(f"experiment {experiment.id}, variant {variant.label!r}: unknown knob(s) {', '.join(unknown)}")
         knobs = {**SCALE_BASE[scale], **experiment.knobs, **variant.knobs, **overrides}
-        identity_knobs = dict(knobs)
-        source_dir = None
+        source_dir, source_identity = None, None
         if variant.init_from is not None:
             if variant.init_from not in by_label:
                 fail(f"experiment {experiment.id}: variant {variant.label!r} starts from unknown {variant.init_from!r}")
             source = planned[variant.init_from]
-            source_dir = source.run_dir
+            source_dir, source_identity = source.run_dir, identities[variant.init_from]
             knobs["init_from"] = str(source_dir / "checkpoint.pt")
-            identity_knobs["init_from"] = identities[variant.init_from]
-        identity = run_identity(identity_knobs)
+        resolved = TrainConfig(**knobs)  # every default filled in: the identity sees what the trainer will run
+        identity = run_identity(resolved, source_identity)
         run_dir = out / "runs" / f"{_slug(variant.knobs)}-{identity}"
-        config = TrainConfig(**{**knobs, "out": str(run_dir)})
+        config = dataclasses.replace(resolved, out=str(run_dir))
         identities[variant.label] = identity
         planned[variant.label] = PlannedRun(variant, run_dir, config, source_dir)
     return [planned[v.label] for v in variants]
@@ -125,6 +144,7 @@ def validate_plan(runs: Sequence[PlannedRun]) -> None:
 
     checked: set[tuple[Any, ...]] = set()
     for run in runs:
+        check_saved_config(run)
         cfg = run.config
         if run.source_dir is not None and not run.finished:  # its source's checkpoint may not exist yet
             validate(dataclasses.replace(cfg, init_from="", reinit=""))
@@ -136,6 +156,27 @@ def validate_plan(runs: Sequence[PlannedRun]) -> None:
             select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
                             image_size=cfg.image_size, seed=cfg.seed)
             checked.add(key)
+
+
+def check_saved_config(run: PlannedRun) -> None:
+    """Refuse a run directory whose config.json holds other knobs than the plan's (it is not this run).
+
+    Its name carries the identity, so this only happens when a directory was copied, renamed or edited by
+    hand; reusing or resuming it would report another recipe's results under this one's label.
+    """
+    path = run.run_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = load_run_config(run.run_dir)
+    except FastmemError as err:
+        fail(f"{err}; remove {run.run_dir} to train it again")  # the message names config.json
+    planned, found = identity_knobs(run.config), identity_knobs(saved)
+    planned.pop("init_from"), found.pop("init_from")  # a path; the identity in the name covers the source
+    differ = sorted(k for k in planned if planned[k] != found.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {found.get(k)!r} (planned {planned[k]!r})" for k in differ[:3])
+        fail(f"{path}: this run directory holds another run ({shown}); remove {run.run_dir} or choose another --out")
 
 
 SWEEP_LOCK_HINT = "wait for it or choose another --out"

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from fastmem.distributed import is_main_rank
-from fastmem.kernels import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify
+from fastmem.kernels import DEFAULT_K, DEFAULT_TEMPERATURE, HOST_CHUNK_BYTES, knn_classify
 from fastmem.models import EncoderProjector
 from fastmem.runtime import EXTRACT_BACKENDS
 
-from .cache import CacheKey, EmbeddingCache, data_digest, state_digest
-from .extract import Embedding, extract_embeddings, reduction_name
+from .cache import CACHE_FORMAT_VERSION, CacheKey, EmbeddingCache, EmbeddingCacheWarning, data_digest, state_digest
+from .extract import EXTRACTION_VERSION, Embedding, ExtractionConfig, MemorySink, extract_embeddings
 from .sharded import extract_embeddings_sharded, knn_classify_sharded, layers_missing_anywhere
+from .store import EmbeddingStore
+from .stream import SPILL_BYTES, EmbeddingWriteError
 from .trt_extract import TRT_ENGINE_DIR, ProbeForward, probe_forward
 
 
@@ -35,24 +37,31 @@ def embed_split(
     cache: EmbeddingCache | None,
     weights: str | None,
     project_dim: int,
+    project_seed: int = 0,
+    channels_last: bool = True,
     batch_size: int = 1024,
     forward: ProbeForward | None = None,
     distributed: bool = False,
+    store: EmbeddingStore | None = None,
 ) -> OrderedDict[str, Embedding]:
     """Embeddings of one split at `layers`, from the cache where present, extracted (and cached) otherwise.
 
-    `distributed`: every torchrun rank calls this; each extracts its share and all get the whole.
+    Extraction streams into the cache (or, without one, keeps small layers in RAM and spills large
+    ones to a temp file): peak memory is a batch, not N × D. `store` (one per probe) decides where
+    fresh rows go and warns once if the disk refuses them. `distributed`: every torchrun rank calls
+    this; each extracts its share and all get the whole, in memory (rank 0 writes the cache).
     """
-    # Autocast precision and TensorRT engines round differently: each gets its own cache entries.
-    precision = "" if dtype is None else "-" + str(dtype).removeprefix("torch.")
-    reduction = reduction_name(project_dim, 0) + precision + ("-trt" if forward is not None else "")
+    config = ExtractionConfig.resolve(dtype=dtype, channels_last=channels_last, project_dim=project_dim,
+                                      project_seed=project_seed, trt=forward is not None, batch_size=batch_size,
+                                      device=device)
+    store = store if store is not None else EmbeddingStore(cache)
     found: dict[str, Embedding] = {}
     keys: dict[str, CacheKey] = {}
     if cache is not None:
         weights = weights or state_digest(model)
         data = data_digest(images, labels)
         for layer in layers:
-            keys[layer] = CacheKey(weights, data, split, layer, reduction)
+            keys[layer] = CacheKey(weights, data, split, layer, config.reduction(), config.digest())
             hit = cache.get(keys[layer])
             if hit is not None:
                 found[layer] = hit
@@ -60,13 +69,20 @@ def embed_split(
     if distributed:
         missing = layers_missing_anywhere(missing, layers)
     if missing:
-        extract = extract_embeddings_sharded if distributed else extract_embeddings
-        fresh = extract(model, images, device=device, dtype=dtype, layers=missing, project_dim=project_dim,
-                        batch_size=batch_size, forward=forward)
-        for layer, embedding in fresh.items():
-            if cache is not None and (not distributed or is_main_rank()):
-                cache.put(keys[layer], embedding)
-            found[layer] = embedding
+        options = dict(device=device, dtype=dtype, layers=missing, project_dim=project_dim, project_seed=project_seed,
+                       channels_last=channels_last, batch_size=batch_size, forward=forward)
+        if distributed:
+            fresh = extract_embeddings_sharded(model, images, **options)
+            if cache is not None and is_main_rank():
+                for layer, embedding in fresh.items():
+                    store.put(keys[layer], embedding)
+        else:
+            try:
+                fresh = extract_embeddings(model, images, sink=store.sink(keys, config), **options)
+            except EmbeddingWriteError as error:
+                store.failed(error)
+                fresh = extract_embeddings(model, images, sink=MemorySink(), **options)
+        found.update(fresh)
     return OrderedDict((layer, found[layer]) for layer in layers)
 
 
@@ -91,12 +107,15 @@ def probe_knn(
     distributed: bool = False,
     extract_backend: str = "eager",
     engine_dir: str | Path | None = None,
+    host_chunk_bytes: int = HOST_CHUNK_BYTES,
 ) -> OrderedDict[str, float]:
     """k-NN accuracy (0–1) against the true labels at every requested probe point, in probe order.
 
     `distributed`: every torchrun rank calls this with the same inputs; extraction and queries are
     split across ranks (sharded.py) and every rank returns the single-process result exactly.
     `extract_backend` 'trt' embeds with a TensorRT engine cached in `engine_dir` (trt_extract.py).
+    `host_chunk_bytes` bounds host memory: a larger uncached layer is spilled to a temp file, and the
+    k-NN reads references and queries in blocks of at most this many fp32 bytes.
     """
     wanted = tuple(layers or model.probe_points)
     weights = state_digest(model) if cache is not None or extract_backend != "eager" else None
@@ -104,8 +123,9 @@ def probe_knn(
     forward = probe_forward(model, extract_backend, device=device, dtype=dtype, sample_shape=(channels, height, width),
                             max_batch=extract_batch_size, engine_dir=engine_dir, weights=weights,
                             write_cache=not distributed or is_main_rank())
+    store = EmbeddingStore(cache, spill_bytes=host_chunk_bytes)
     common = dict(device=device, dtype=dtype, cache=cache, weights=weights, project_dim=project_dim,
-                  batch_size=extract_batch_size, forward=forward, distributed=distributed)
+                  batch_size=extract_batch_size, forward=forward, distributed=distributed, store=store)
     reference = embed_split(model, train_images, train_labels, "train", wanted, **common)
     queries = embed_split(model, test_images, test_labels, "test", wanted, **common)
     truth = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
@@ -116,11 +136,12 @@ def probe_knn(
         predicted = classify(
             reference[layer].vectors, torch.as_tensor(np.asarray(train_labels)),
             queries[layer].vectors, k=k, vote=vote, temperature=temperature,
-            num_classes=classes, device=device, backend=knn_backend,
+            num_classes=classes, device=device, backend=knn_backend, chunk_bytes=host_chunk_bytes,
         )
         accuracy[layer] = float((predicted.cpu() == truth).float().mean())
     return accuracy
 
 
-__all__ = ["EXTRACT_BACKENDS", "TRT_ENGINE_DIR", "CacheKey", "Embedding", "EmbeddingCache", "embed_split",
+__all__ = ["CACHE_FORMAT_VERSION", "EXTRACTION_VERSION", "EXTRACT_BACKENDS", "SPILL_BYTES", "TRT_ENGINE_DIR", "CacheKey",
+           "Embedding", "EmbeddingCache", "EmbeddingCacheWarning", "EmbeddingStore", "ExtractionConfig", "embed_split",
            "extract_embeddings", "probe_knn", "state_digest"]

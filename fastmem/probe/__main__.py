@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from fastmem.run.config import TrainConfig, load_run_config
 from fastmem.run.lock import hold_run_lock, remove_stale_temps
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
 
-from . import TRT_ENGINE_DIR, EmbeddingCache, probe_knn
+from . import TRT_ENGINE_DIR, EmbeddingCache, EmbeddingCacheWarning, probe_knn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with distributed_session():  # under torchrun: extraction and queries split across ranks, rank 0 writes
-        return probe_run(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_cache_warnings(warnings.showwarning)
+        with distributed_session():  # under torchrun: extraction and queries split across ranks, rank 0 writes
+            return probe_run(args)
+
+
+def one_line_cache_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A showwarning that prints the cache's warnings as one line, `fastmem: warning: ...` (others as before)."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, EmbeddingCacheWarning):
+            print(f"fastmem: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
 
 
 LOCK_HINT = "wait for it to finish"

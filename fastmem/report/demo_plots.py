@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastmem.report.figures import save_figure  # noqa: E402
 from fastmem.run.metrics import RunRecords  # noqa: E402
 
 
@@ -45,8 +46,4 @@ def plot_benign_vs_malign(runs: Mapping[str, RunRecords], path: str | Path, titl
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(path), dpi=110)

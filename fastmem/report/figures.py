@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastmem.io_utils import atomic_path  # noqa: E402
 from fastmem.run.metrics import RunRecords  # noqa: E402
 
 
@@ -36,12 +37,20 @@ def _colours(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Write a figure atomically (a full disk is one line and leaves the previous image) and close it."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _reference(runs: Sequence[SweepRun]) -> tuple[SweepRun | None, SweepRun | None]:

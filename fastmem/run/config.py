@@ -101,23 +101,73 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: dict[str, Any], source: str | Path = "config") -> TrainConfig:
+        """A config from saved values (missing knobs take their defaults); bad keys or values fail naming `source`."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            fail(f"config has unknown keys: {', '.join(unknown)}")
-        return cls(**values)
+            fail(f"{source}: unknown keys {', '.join(unknown[:5])}{', …' if len(unknown) > 5 else ''}; not a run config")
+        checked = {name: _checked_value(known[name], value, source) for name, value in values.items()}
+        return cls(**checked)
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config.json of a run directory; a missing or unreadable one is a user error."""
+def _checked_value(f: dataclasses.Field[Any], value: Any, source: str | Path) -> Any:
+    """A saved knob's value, checked against the field's type and choices (an int is a valid float)."""
+    kind = str(f.type)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"int": number and isinstance(value, int), "float": number, "bool": isinstance(value, bool),
+          "str": isinstance(value, str), "str | None": value is None or isinstance(value, str)}.get(kind, True)
+    if not ok:
+        fail(f"{source}: {f.name} is {_short(value)}, not a{'n' if kind == 'int' else ''} {kind}; not a valid run config")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        fail(f"{source}: {f.name} is {_short(value)}, not one of {', '.join(f.metadata['choices'])}")
+    return float(value) if kind == "float" else value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _saved_values(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """The parsed config.json of a run directory; a missing, torn, garbage or foreign one is a user error naming it."""
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         fail(f"{run_dir}: not a run directory (no config.json)")
     try:
-        return TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        fail(f"{config_path}: unreadable run config ({err})")
+        text = config_path.read_bytes().decode("utf-8")
+    except OSError as err:
+        fail(f"{config_path}: cannot read the run config ({err.strerror or err})")
+    except UnicodeDecodeError:
+        fail(f"{config_path}: not UTF-8 text; not a run config")
+    if not text.strip():
+        fail(f"{config_path}: empty file; not a run config")
+    try:
+        values = json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, digit limit, deep nesting
+        fail(f"{config_path}: not valid JSON ({' '.join(str(err).split())[:120] or type(err).__name__}); truncated or garbage")
+    if not isinstance(values, dict):
+        fail(f"{config_path}: a JSON {type(values).__name__}, not an object; not a run config")
+    return values, config_path
+
+
+# config.json's one key that is not a knob: what the run resolved its `auto` choices to (e.g. precision).
+RESOLVED_KEY = "resolved"
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config.json of a run directory; a missing, torn, garbage or foreign one is a user error naming it."""
+    values, config_path = _saved_values(run_dir)
+    values.pop(RESOLVED_KEY, None)
+    return TrainConfig.from_dict(values, config_path)
+
+
+def load_resolved(run_dir: str | Path) -> dict[str, Any]:
+    """What a saved run resolved its `auto` choices to (empty for runs saved before it was recorded)."""
+    resolved = _saved_values(run_dir)[0].get(RESOLVED_KEY)
+    return resolved if isinstance(resolved, dict) else {}
+
+
 
 
 # From the fields' metadata (one source): knobs left out of a run's identity, and knobs a resume may change.

@@ -8,28 +8,61 @@ per layer. Plots, reports, the demo and the sweep read records only through `Run
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastmem.errors import fail
+from fastmem.errors import DiskFullError, disk_full_errno, fail
 from fastmem.io_utils import atomic_path
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (an empty list if it does not exist)."""
+def read_metrics(path: str | Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (an empty list if it does not exist).
+
+    Every line must be a JSON object whose `epoch`, where present, is a count. A torn last line (no final
+    newline: an append cut short by a kill or a full disk) is dropped, with a warning on stderr unless
+    `warn` is false; an unreadable line anywhere else is a user error naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        fail(f"{path}: cannot read metrics ({err.strerror or err})")
+    lines = raw.split(b"\n")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                fail(f"{path}:{number}: not a JSON line")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record, problem = _parse_record(line)
+        if problem is None:
+            records.append(record)
+        elif number == len(lines):  # the last line and no newline after it: a torn append
+            if warn:
+                print(f"fastmem: warning: {path}:{number}: dropped a torn last line ({problem}; an interrupted "
+                      "write)", file=sys.stderr)
+        else:
+            fail(f"{path}:{number}: {problem}; not a metrics record")
     return records
+
+
+def _parse_record(line: bytes) -> tuple[dict[str, Any], str | None]:
+    """(record, None) for a valid metrics line, else ({}, what is wrong with it)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {}, "not UTF-8 text"
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer past Python's digit limit
+        return {}, "not a JSON line"
+    if not isinstance(record, dict):
+        return {}, f"a JSON {type(record).__name__}, not an object"
+    epoch = record.get("epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return {}, f"epoch {epoch!r} is not a count"
+    return record, None
 
 
 KNN_PREFIX = "knn/"
@@ -134,14 +167,27 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop records past `epoch` (work done after the checkpoint a run resumes from)."""
-        kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= epoch]
+        """Drop records past `epoch` (work done after the checkpoint a run resumes from), and a torn last
+        line: the file is rewritten to exactly the records `read_metrics` returns up to `epoch`."""
+        kept = [r for r in read_metrics(self.path, warn=False) if r.get("epoch", 0) <= epoch]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one record as one line; a write that fails (a full disk) is cut back off, leaving the file whole."""
+        line = (json.dumps(record) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as handle:  # unbuffered: nothing left to flush after a failure
+            size = handle.seek(0, 2)
+            try:
+                written = 0
+                while written < len(line):
+                    written += handle.write(line[written:])
+            except OSError as err:
+                handle.truncate(size)  # truncating never needs room; the record is lost, the file is not torn
+                code = disk_full_errno(err)
+                if code is None:
+                    raise
+                raise DiskFullError(self.path, code) from err
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":

@@ -33,11 +33,17 @@ from fastmem.errors import fail
 from fastmem.io_utils import write_json_atomic
 from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
 from fastmem.pipelines import AugmentSpec, ViewPool, check_pipeline, make_loader
-from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state
-from fastmem.run.config import RESUMABLE_KNOBS, TrainConfig, load_run_config
-from fastmem.run.lock import hold_run_lock, remove_stale_temps
-from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger
-from fastmem.runtime import resolve_device, resolve_precision, set_cpu_threads
+from fastmem.run.checkpoint import (
+    CHECKPOINT_NAME,
+    check_resumable,
+    checkpoint_config,
+    load_checkpoint,
+    restore_training_state,
+)
+from fastmem.run.config import RESOLVED_KEY, RESUMABLE_KNOBS, TrainConfig, load_resolved, load_run_config
+from fastmem.run.lock import RunLock, hold_run_lock, remove_stale_temps
+from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger, read_metrics
+from fastmem.runtime import precision_name, precision_reason, resolve_device, resolve_precision, set_cpu_threads
 from fastmem.train.interrupt import StopSignals
 from fastmem.train.mixing import check_mixing_knobs
 from fastmem.train.reinit import check_init_knobs, init_from_checkpoint
@@ -107,6 +113,19 @@ def resolve_run_dir(cfg: TrainConfig, explicit: set[str], resume: str | None) ->
     return dataclasses.replace(saved, out=str(run_dir), **overrides), run_dir, True
 
 
+def check_same_run(checkpoint: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
+    """Fail, naming the knobs, when the checkpoint was written by a run of another config than config.json's."""
+    saved = checkpoint_config(checkpoint, path)
+    if saved is None:  # checkpoints that predate the saved config
+        return
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE_KNOBS]
+    differing = [name for name in fields if name in saved and saved[name] != getattr(cfg, name)]
+    if differing:
+        knobs = ", ".join(f"--{name.replace('_', '-')} {saved[name]!r} (config.json: {getattr(cfg, name)!r})"
+                          for name in differing)
+        fail(f"{path}: written by another run ({knobs}); resume from that run's own directory or start afresh")
+
+
 def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     """Training images (optionally a seeded subset), probe queries, and the run's labels."""
     splits = load_run_splits(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
@@ -163,13 +182,35 @@ def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | 
     batch_per_rank = per_rank_batch(cfg.batch_size, ranks.world)  # --batch-size is global
     device = rank_device(resolve_device(cfg.device))
     check_sync_bn(cfg.sync_bn, device)
-    dtype = resolve_precision(cfg.precision, device)
+    recorded = load_resolved(run_dir) if resuming else {}
+    same_device = recorded.get("device") == device.type
+    dtype = resolve_precision(cfg.precision, device, recorded.get("precision") if same_device else None)
+    resolved = {"device": device.type, "precision": precision_name(dtype),
+                "precision_reason": precision_reason(cfg.precision, device, dtype, resumed=same_device)}
     if cfg.threads:
         set_cpu_threads(cfg.threads)
+    lock: RunLock | None = None
     if ranks.is_main:  # one process per run directory (under torchrun rank 0 holds it for all ranks)
-        hold_run_lock(run_dir)
+        lock = hold_run_lock(run_dir)
         remove_stale_temps(run_dir)  # temp files of interrupted writes: safe to delete only under the lock
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME) if resuming and (run_dir / CHECKPOINT_NAME).exists() else None
+    try:
+        return _build_in(cfg, run_dir, resuming, augment, ranks, batch_per_rank, device, dtype, resolved)
+    except BaseException:
+        if lock is not None:  # an in-process caller (the sweep) may take the directory on afterwards
+            lock.release()
+        raise
+
+
+def _build_in(cfg: TrainConfig, run_dir: Path, resuming: bool, augment: AugmentSpec, ranks: RankInfo,
+              batch_per_rank: int, device: torch.device, dtype: torch.dtype | None, resolved: dict[str, str]) -> Run:
+    """`build_run` once the run directory is held: nothing in it is written until every input checked out."""
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(checkpoint_path) if resuming and checkpoint_path.exists() else None
+    if checkpoint is not None:  # before any data: a foreign or incomplete checkpoint fails at once
+        check_resumable(checkpoint, checkpoint_path)
+        check_same_run(checkpoint, checkpoint_path, cfg)
+    if resuming and ranks.is_main:
+        read_metrics(run_dir / "metrics.jsonl")  # a garbage line fails now; a torn last one warns (dropped below)
 
     barrier()  # every rank has checked the run directory before rank 0 writes into it
     if ranks.is_main:
@@ -190,11 +231,7 @@ def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        start_epoch = int(checkpoint["epoch"])
+        start_epoch = restore_training_state(checkpoint, checkpoint_path, model, optimizer, scaler)
     resume_point = None
     if checkpoint is not None and checkpoint.get("in_progress") is not None:
         resume_point = {**checkpoint["in_progress"], "rng": checkpoint["rng"]}
@@ -208,8 +245,10 @@ def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | 
     )
     true_labels = torch.as_tensor(data.labels.true_labels, device=device)
     if ranks.is_main:
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())  # only once everything is in place
+        # Only once everything is in place; `resolved` records what the `auto` choices became on this machine.
+        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), RESOLVED_KEY: resolved})
     metrics = MetricsLogger(run_dir, cfg.tensorboard) if ranks.is_main else DiscardingMetricsLogger()
-    metrics.truncate_after(start_epoch)
+    # Records past the checkpoint are redone; without one, so is the epoch-0 probe (a run killed before its first).
+    metrics.truncate_after(start_epoch if checkpoint is not None else -1)
     return Run(cfg, run_dir, ranks, device, dtype, data, model, step_model, optimizer, scaler, augment, loader,
                true_labels, metrics, start_epoch, batch_per_rank, resume_point)

@@ -2,7 +2,7 @@
 
 Owns the FFCV side only: the file (an existing `.beton` — `make_loader("ffcv", "x.beton")` or
 `beton=` — written by `python -m fastmem.pipelines.ffcv write`, or arrays written into a temporary
-one), the decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) and the epoch
+one: see `TemporaryBeton`, gone from disk once the loader has mapped it), the decode pipeline (raw pixels or JPEG → uint8 NHWC tensor, `ToDevice` on CUDA) and the epoch
 iterators, which are FFCV threads: each one is closed and joined when its epoch ends or the consumer
 stops early (FFCV's own iterator leaks its thread on an early break). The order, the sharding, the
 targets and the per-batch step (parameters, executor: the fastest for the device unless one is
@@ -11,11 +11,12 @@ passed) are backends/base.py's, so its views are the device backend's on the sam
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import shutil
 import tempfile
-import weakref
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,65 @@ from fastmem.errors import fail
 
 BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer
 JOIN_SECONDS = 10.0
+TEMP_PREFIX = "fastmem-ffcv-"  # the temporary .beton's folder in the system temp dir: fastmem-ffcv-XXXXXXXX/
+TEMP_LOCK = ".lock"  # flocked by the writing process until the file is mapped and the folder removed
+UNLOCKED_GRACE_SECONDS = 60.0  # a folder without a lock file this old is an earlier fastmem's leftover
+
+
+class TemporaryBeton:
+    """The folder of one loader's temporary .beton, locked by its process until `remove()`.
+
+    The loader writes the file, opens it (FFCV maps it), then removes the folder at once, on success or
+    error: the mapped file lives on in memory and no exit path (a normal end, an exception, SIGTERM or
+    SIGINT, SIGKILL) leaves it on disk. A process killed in between (while writing) leaves the folder
+    with an unlocked lock file; every new one is made after `remove_stale_betons` has deleted those.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        remove_stale_betons(root)
+        self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+        self._lock_fd: int | None = os.open(self.folder / TEMP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.path = self.folder / "source.beton"
+
+    def remove(self) -> None:
+        """Delete the folder and its file (a mapping of the file stays valid), then let go of the lock."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def remove_stale_betons(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Delete the temporary .beton folders under `root` (default: the system temp dir) no live process holds.
+
+    A folder's writer holds the flock on its lock file until the folder is gone, so a lock this process
+    can take belongs to a process that died (SIGKILL) mid-write; a folder with no lock file is an earlier
+    fastmem's (or one created an instant ago: those younger than a minute are left alone).
+    """
+    removed = []
+    for folder in sorted(Path(root or tempfile.gettempdir()).glob(TEMP_PREFIX + "*")):
+        try:
+            fd = os.open(folder / TEMP_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                if time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_SECONDS:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError:
+            continue  # another user's, or not a folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)  # its writer died: nobody else can hold the lock now
+            removed.append(folder)
+        except BlockingIOError:
+            pass  # its writer is alive
+        finally:
+            os.close(fd)
+    return removed
 
 
 def close_epoch_iterator(iterator: Any) -> None:
@@ -80,16 +140,24 @@ class FfcvLoader(EpochLoader):
         """Read `beton`, or write uint8 NHWC `images` to a temporary one; targets default to the file's labels."""
         ffcv = import_ffcv()
         self._ffcv = ffcv
-        self._tempdir: str | None = None
-        if beton is None:
-            if images is None:
-                fail("ffcv: give images to write, or a .beton path (python -m fastmem.pipelines.ffcv write ...)")
-            array = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
-            self._tempdir = tempfile.mkdtemp(prefix="fastmem-ffcv-")
-            weakref.finalize(self, shutil.rmtree, self._tempdir, True)
-            labels = np.zeros(len(array), dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
-            beton = write_beton(array, labels, Path(self._tempdir) / "source.beton", jpeg_quality=jpeg_quality)
-        self.path = Path(beton)
+        self._iterator: Any = None
+        if beton is None and images is None:
+            fail("ffcv: give images to write, or a .beton path (python -m fastmem.pipelines.ffcv write ...)")
+        temporary = TemporaryBeton() if beton is None else None
+        try:
+            if temporary is not None:
+                array = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+                labels = np.zeros(len(array), dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+                beton = write_beton(array, labels, temporary.path, jpeg_quality=jpeg_quality)
+            self._open(ffcv, Path(beton), targets, options, batches_ahead, executor, temporary is not None)
+        finally:
+            if temporary is not None:
+                temporary.remove()  # mapped by now (or failed): nothing of it stays on disk
+
+    def _open(self, ffcv: Any, beton: Path, targets: np.ndarray | torch.Tensor | None, options: LoaderOptions,
+              batches_ahead: int, executor: Executor, map_now: bool) -> None:
+        """Read the file's header and build FFCV's loader; `map_now`: map the file now (it is deleted next)."""
+        self.path = beton
         if not self.path.is_file():
             fail(f"{self.path}: no such .beton file (write one with python -m fastmem.pipelines.ffcv write)")
         try:
@@ -111,9 +179,10 @@ class FfcvLoader(EpochLoader):
         self._loader = ffcv.loader.Loader(
             str(self.path), batch_size=options.batch_size, num_workers=_decode_threads(options, isinstance(decoder, ffcv.fields.decoders.SimpleRGBImageDecoder)),
             order=ffcv.loader.OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=options.drop_last,
-            batches_ahead=max(1, batches_ahead),
+            batches_ahead=max(1, batches_ahead), **({"os_cache": True} if map_now else {}),
         )
-        self._iterator: Any = None
+        if map_now:  # FFCV's OS-cache context maps the file at its first epoch and keeps the map: map it now
+            self._loader.memory_manager.context.mmap = np.memmap(str(self.path), "uint8", mode="r")
 
     @staticmethod
     def _image_layout(ffcv: Any, reader: Any) -> tuple[tuple[int, int], int, Any]:

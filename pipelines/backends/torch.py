@@ -1,16 +1,17 @@
 """The `torch` backend: a plain DataLoader that executes the shared view parameters per sample (the baseline).
 
-Owns the map-style dataset (one sample → its view: backends/base.py's per-batch step on a batch of
-one, with the reference executor) and the DataLoader wiring (this rank's share of the epoch order
-through a sampler, worker processes, pinned memory). For the same (seed, epoch) it yields the same
+Owns the map-style dataset (one (epoch, sample) key → its view: backends/base.py's per-batch step on a
+batch of one, with the reference executor) and the DataLoader wiring (this rank's share of the epoch
+order through a sampler, worker processes, pinned memory). For the same (seed, epoch) it yields the same
 batches as the `device` backend, one sample at a time on the host, as the reference implementation's
-loaders do.
+loaders do. The sampler hands the workers (epoch, index) keys, so one DataLoader with persistent workers
+serves every epoch: its worker processes start once (not once per epoch) and `close()` ends them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,34 +25,35 @@ from fastmem.data.iid_views import ViewPool
 
 
 class _ViewDataset(Dataset):
-    """uint8 NHWC array → (float CHW view, target, index, view id) per sample at the set epoch."""
+    """uint8 NHWC array → (float CHW view, target, index, view id) per (epoch, sample index) key."""
 
     def __init__(self, images: torch.Tensor, step: ViewStep, view_pool: ViewPool | None = None) -> None:
         self.images, self.step = images, step
         self.pool_images = None if view_pool is None else torch.as_tensor(view_pool.images).cpu().contiguous()
         self.pool_rows = None if view_pool is None else torch.as_tensor(view_pool.rows, dtype=torch.int64).cpu()
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        epoch, index = key
         one = torch.tensor([index])
         source, rows = self.images, one
         if self.pool_rows is not None:  # i.i.d. views: one of this sample's reserved images
-            source, rows = self.pool_images, shown_pool_rows(self.pool_rows, self.step.seed, self.epoch, one)
-        view = execute_views(self.step, source, one, self.epoch, rows=rows, memory_format=torch.contiguous_format)
+            source, rows = self.pool_images, shown_pool_rows(self.pool_rows, self.step.seed, epoch, one)
+        view = execute_views(self.step, source, one, epoch, rows=rows, memory_format=torch.contiguous_format)
         return view.images[0], view.targets[0], index, view.view_ids[0]
 
 
-class _OrderSampler(Sampler[int]):
-    """Yields a fixed list of sample indices (this rank's share of the epoch order)."""
+class _EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, sample index) keys of the order set for the next iteration (this rank's share)."""
 
-    def __init__(self, order: Sequence[int]) -> None:
-        self.order = order
+    def __init__(self) -> None:
+        self.epoch, self.order = 0, []
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, index) for index in self.order])
 
     def __len__(self) -> int:
         return len(self.order)
@@ -66,16 +68,32 @@ class TorchLoader(EpochLoader):
         super().__init__(len(images), targets, options, (h, w), c, executor=apply_views_reference)
         host = dataclasses.replace(self.step, targets=self.targets.cpu())  # worker processes read host targets
         self.dataset = _ViewDataset(torch.as_tensor(images).cpu().contiguous(), host, view_pool)
+        self._sampler = _EpochSampler()
+        self._loader: DataLoader | None = None
+
+    def _data_loader(self) -> DataLoader:
+        """The one DataLoader of every epoch (its workers, if any, persist until `close()`)."""
+        if self._loader is None:
+            o = self.options
+            self._loader = DataLoader(
+                self.dataset, batch_size=o.batch_size, sampler=self._sampler, num_workers=o.workers,
+                pin_memory=o.device.type == "cuda", drop_last=False, persistent_workers=o.workers > 0,
+            )
+        return self._loader
+
+    def close(self) -> None:
+        """End the worker processes (a later iteration starts new ones)."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
 
     def __iter__(self) -> Iterator[Batch]:
         o = self.options
         mine, bounds = self.epoch_plan("cpu")
-        self.dataset.epoch = self.epoch  # workers receive a copy of the dataset when the iterator starts
-        loader = DataLoader(
-            self.dataset, batch_size=o.batch_size, sampler=_OrderSampler(mine[: bounds[-1][1] if bounds else 0].tolist()),
-            num_workers=o.workers, pin_memory=o.device.type == "cuda", drop_last=False,
-        )
+        self._sampler.epoch, self._sampler.order = self.epoch, mine[: bounds[-1][1] if bounds else 0].tolist()
         non_blocking = o.device.type == "cuda"
-        for images, targets, indices, view_ids in loader:
+        for images, targets, indices, view_ids in self._data_loader():
             images = images.to(o.device, dtype=o.dtype, non_blocking=non_blocking).contiguous(memory_format=o.memory_format)
             yield Batch(images, targets.to(o.device, non_blocking=non_blocking), indices.to(o.device), view_ids.to(o.device))
