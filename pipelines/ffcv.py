@@ -11,8 +11,8 @@ the shared sampler's parameters.
 
 `read_beton_header` checks a `.beton` (version, field table, metadata and allocation table against the file's
 size, every sample's data pointer) with numpy alone, before FFCV maps it: FFCV itself meets a truncated or
-garbage file with assertion, index or type errors, or with a loader thread that never returns. `import_ffcv`
-makes every FFCV Reader (the backend's and its Loader's) run it first.
+garbage file with assertion, index or type errors, or with a loader thread that never returns. The ffcv
+backend (backends/ffcv.py) runs it on every file before FFCV opens it.
 
 (This module's name shadows nothing: `import ffcv` below is absolute and finds the FFCV package.)
 """
@@ -60,7 +60,6 @@ def import_ffcv() -> Any:
         import ffcv.writer
     except ImportError as err:
         fail(f"{FFCV_MISSING} ({err})")
-    _check_before_reading(ffcv.reader.Reader)
     compiler = ffcv.pipeline.compiler.Compiler
     if not getattr(compiler, "_fastmem_numba_only", False):
         compiler.set_num_threads = classmethod(_set_numba_threads)
@@ -77,20 +76,6 @@ def _set_numba_threads(cls: Any, n: int) -> None:
     n = n if n >= 1 else len(os.sched_getaffinity(0))
     cls.num_threads = n
     numba.set_num_threads(n)
-
-
-def _check_before_reading(reader: Any) -> None:
-    """Make FFCV's Reader run `read_beton_header` on its file first (once per process)."""
-    if getattr(reader, "_fastmem_checked", False):
-        return
-    original = reader.__init__
-
-    def checked_init(self: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
-        read_beton_header(fname)
-        original(self, fname, *args, **kwargs)
-
-    reader.__init__ = checked_init
-    reader._fastmem_checked = True
 
 
 # FFCV's on-disk layout (ffcv/types.py, format version 2), restated so a file is checked before FFCV reads it.

@@ -26,7 +26,7 @@ import torch
 from fastmem.pipelines.backends.base import EpochLoader, Executor
 from fastmem.pipelines.contract import Batch, LoaderOptions
 from fastmem.pipelines.executors.select import apply_views_fastest
-from fastmem.pipelines.ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, write_beton
+from fastmem.pipelines.ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, read_beton_header, write_beton
 
 from fastmem.errors import fail
 
@@ -160,6 +160,7 @@ class FfcvLoader(EpochLoader):
         self.path = beton
         if not self.path.is_file():
             fail(f"{self.path}: no such .beton file (write one with python -m fastmem.pipelines.ffcv write)")
+        read_beton_header(self.path)  # FFCV trusts its headers; a damaged one is one line here, before FFCV reads
         try:
             reader = ffcv.reader.Reader(str(self.path))
         except (AssertionError, ValueError, OSError, IndexError) as err:
