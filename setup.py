@@ -4,7 +4,8 @@ from setuptools import setup
 
 PACKAGES = [
     "fastmem", "fastmem.data", "fastmem.models", "fastmem.run", "fastmem.train", "fastmem.probe", "fastmem.experiments",
-    "fastmem.report", "fastmem.pipelines", "fastmem.pipelines.executors", "fastmem.pipelines.backends", "fastmem.kernels",
+    "fastmem.experiments.cluster", "fastmem.report", "fastmem.pipelines", "fastmem.pipelines.executors",
+    "fastmem.pipelines.backends", "fastmem.kernels",
 ]
 
 setup(
@@ -29,7 +30,10 @@ setup(
         "cuda13": ["cupy-cuda13x"],
         "trt": ["torch-tensorrt"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff", "scikit-learn", "faiss-cpu", "tensorboard"],
+        # `python -m fastmem.experiments run --executor slurm|local` (submits through submitit).
+        "cluster": ["submitit>=1.5"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff", "scikit-learn", "faiss-cpu", "tensorboard",
+                "submitit>=1.5"],
     },
     entry_points={"console_scripts": ["fastmem-train=fastmem.train:cli", "fastmem-demo=fastmem.demo:cli",
                                       "fastmem-experiments=fastmem.experiments.__main__:cli", "fastmem-report=fastmem.report:cli"]},

@@ -2,33 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
+from fastmem.runtime import cpu_name, describe_machine
 
-import torch
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def describe_machine(device: torch.device) -> dict[str, str | int]:
-    """CPU model, visible cores, torch version, and the GPU's name when `device` is CUDA."""
-    info: dict[str, str | int] = {
-        "cpu": cpu_name(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+__all__ = ["cpu_name", "describe_machine", "machine_label", "results_tag"]
 
 
 def machine_label(info: dict[str, str | int]) -> str:

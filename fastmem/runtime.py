@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import time
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -186,3 +187,26 @@ def set_cpu_threads(threads: int) -> None:
     except ImportError:
         return
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_machine(device: torch.device | None = None) -> dict[str, str | int]:
+    """CPU model, visible cores, torch version, and the GPU's name when `device` is CUDA (for results files)."""
+    info: dict[str, str | int] = {
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        "torch": torch.__version__,
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

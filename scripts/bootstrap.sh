@@ -6,13 +6,19 @@ cd "$(dirname "$0")/.."
 VENV=${FASTMEM_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# Debian packages, where we may use apt: Fashion-MNIST (the embedded default) and the libraries FFCV's
-# C extension builds against (found through pkg-config: opencv4, libturbojpeg). Only missing ones.
+# Debian packages, where we may use apt: Fashion-MNIST (the embedded default), the libraries FFCV's
+# C extension builds against (found through pkg-config: opencv4, libturbojpeg), and Slurm with munge (the
+# tests of --executor slurm start a one-node cluster: tests/slurm_cluster.py). Only missing ones.
 APT_WANT=()
 [ -d /usr/share/datasets/fashion-mnist ] || APT_WANT+=(dataset-fashion-mnist)
 if ! { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists opencv4 libturbojpeg; }; then
   APT_WANT+=(pkg-config libopencv-dev libturbojpeg0-dev)
 fi
+SBIN_PATH="$PATH:/usr/sbin:/usr/local/sbin:/sbin"
+for prog in slurmctld slurmd sbatch srun; do
+  PATH="$SBIN_PATH" command -v "$prog" >/dev/null 2>&1 || { APT_WANT+=(slurm-wlm); break; }
+done
+PATH="$SBIN_PATH" command -v munged >/dev/null 2>&1 || APT_WANT+=(munge)
 if [ ${#APT_WANT[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
   if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
@@ -26,6 +32,8 @@ if [ ${#APT_WANT[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 [ -d /usr/share/datasets/fashion-mnist ] \
   || echo "bootstrap: no Debian dataset-fashion-mnist; pass --data-dir or set FASTMEM_DATA"
+PATH="$SBIN_PATH" command -v slurmctld >/dev/null 2>&1 && PATH="$SBIN_PATH" command -v munged >/dev/null 2>&1 \
+  || echo "bootstrap: no Slurm (slurm-wlm, munge): the tests marked slurm will skip"
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 STAMP="$VENV/.fastmem-installed"

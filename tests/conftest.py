@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture of tests/test_slurm.py
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -56,15 +56,22 @@ def test_demo_trains_both_runs_and_writes_table_and_plot(tmp_path: Path) -> None
     out = tmp_path / "demo"
     result = run_module("fastmem.demo", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr
-    assert "| probe point | untrained | full augmentation (epoch 2) | no augmentation (epoch 2) |" in result.stdout
+    assert ("| probe point | untrained | full augmentation | full augmentation − untrained | no augmentation | "
+            "no augmentation − untrained |") in result.stdout
     for layer in ("stem", "stage4", "h", "head_hidden", "z"):
         assert f"| {layer} |" in result.stdout
-    assert "| *fit of random labels (train acc., last epoch)* | – |" in result.stdout
+    assert "| *fit of the random labels (last epoch)* | – |" in result.stdout
+    assert "benign: with full augmentation" in result.stdout and "malign: without augmentation" in result.stdout
     assert "[start 1/2] full augmentation" in result.stdout and "[done 2/2]" in result.stdout
     png = (out / "benign_vs_malign.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "| z |" in (out / "summary.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["queries"] == 200 and summary["machine"]["cores"] >= 1
+    h = summary["layers"]["h"]
+    low, high = h["full augmentation"]["interval_95"]
+    assert low <= h["full augmentation"]["accuracy"] <= high
+    assert "delta" in h["full augmentation − untrained"] and "interval_95" in h["no augmentation − untrained"]
     run_dirs = {label: Path(d) for label, d in summary["runs"].items()}
     assert summary["experiment"] == "MAIN" and list(run_dirs) == ["full augmentation", "no augmentation"]
     for run_dir in run_dirs.values():
@@ -85,7 +92,8 @@ def test_demo_trains_both_runs_and_writes_table_and_plot(tmp_path: Path) -> None
     other = run_module("fastmem.demo", "--out", str(out), *TINY, "--epochs", "1")
     assert other.returncode == 0, other.stderr
     assert other.stdout.count("[start") == 2 and "[skip]" not in other.stdout
-    assert "describes other arguments" in other.stdout and "| full augmentation (epoch 1) |" in other.stdout
+    assert "describes other arguments" in other.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
     new_dirs = {Path(d) for d in json.loads((out / "summary.json").read_text())["runs"].values()}
     assert not new_dirs & set(run_dirs.values()) and all((d / "summary.json").exists() for d in new_dirs)
     assert {d: (d / "summary.json").read_bytes() for d in run_dirs.values()} == kept

@@ -46,3 +46,28 @@ def test_projector_is_bias_free_and_zero_width_means_linear_head() -> None:
 def test_unknown_model_is_a_user_error() -> None:
     with pytest.raises(FastmemError, match="unknown model 'vgg'"):
         create_model("vgg", num_classes=10)
+
+
+def test_resnet18_is_initialised_like_torchvision() -> None:
+    """kaiming_normal_(fan_out) convs (std sqrt(2 / fan_out)), BN weight 1 / bias 0: the reference code's init."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, bottleneck_dim=64)
+    conv = model.encoder.blocks["stage3"][0].conv2  # 256 → 256, 3x3: fan_out = 256·9
+    expected = (2.0 / (256 * 9)) ** 0.5
+    assert abs(float(conv.weight.std()) - expected) < 0.02 * expected  # PyTorch's default would be ≈ 0.58× this
+    bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in bns)
+
+
+def test_conv4_is_a_plain_strided_cnn() -> None:
+    """conv4: one stride-1 stem, then stride-2 stages and no pooling before the global average; 28 px → 2 px."""
+    model = create_model("conv4", num_classes=10, in_channels=1, image_size=28, width=1.0, bottleneck_dim=32)
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(1, 1)] + [(2, 2)] * 4
+    assert not any(isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for m in model.modules())
+    collect: dict[str, torch.Tensor] = {}
+    x = torch.rand(2, 1, 28, 28)
+    for name, block in model.encoder.blocks.items():
+        x = block(x)
+        collect[name] = x
+    assert collect["stage4"].shape == (2, 256, 2, 2) and model.encoder.out_dim == 256

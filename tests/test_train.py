@@ -167,13 +167,18 @@ def test_the_probe_temperature_reaches_the_weighted_vote(tmp_path: Path, monkeyp
     import fastmem.train.loop as trainer
     from fastmem.run.config import parse_args
 
+    from collections import OrderedDict
+
+    from fastmem.probe import ProbeResult
+
     calls: list[dict] = []
-    monkeypatch.setattr(trainer, "probe_knn", lambda *a, **k: calls.append(k) or {"z": 0.5})
+    answer = ProbeResult(OrderedDict(z=np.array([1, 0])), np.array([1, 1]))
+    monkeypatch.setattr(trainer, "probe_predictions", lambda *a, **k: calls.append(k) or answer)
     cfg, explicit, resume = parse_args([*QUICK_RUN, "--epochs", "0", "--probe-vote", "weighted",
                                         "--probe-temperature", "0.25", "--out", str(tmp_path / "run")])
     trainer.train(cfg, explicit, resume)
     assert [(c["vote"], c["temperature"]) for c in calls] == [("weighted", 0.25)]
-    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == [{"epoch": 0, "knn/z": 0.5}]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == [{"epoch": 0, "knn/z": 0.5, "probe_queries": 2}]
 
 
 def test_train_step_is_one_optimisation_step() -> None:

@@ -7,9 +7,6 @@ keep their true label. Saved beside the run as labels.npz so probes and reports 
 
 from __future__ import annotations
 
-import io
-import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import numpy as np
 
 from fastmem.errors import fail
 from fastmem.io_utils import atomic_path
+from fastmem.run.npz import read_npz
 
 
 @dataclass(frozen=True)
@@ -65,25 +63,10 @@ LABEL_ARRAYS: dict[str, str] = {"true_labels": "i", "targets": "i", "corrupted":
 
 
 def load_labels(path: str | Path) -> RunLabels:
-    """Read labels.npz written by `save_labels`; a truncated, garbage or foreign file is one line naming it.
-
-    The archive is parsed here, not by np.load: no pickled objects, and every array's header is checked
-    against the bytes it has before anything is allocated (a damaged header cannot ask for gigabytes).
-    """
+    """Read labels.npz written by `save_labels`; a truncated, garbage or foreign file is one line naming it
+    (parsed by fastmem.run.npz: plain arrays only, sizes checked before anything is allocated)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        fail(f"{path}: cannot read labels ({err.strerror or err})")
-    if not raw:
-        fail(f"{path}: empty file; not a labels file")
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            arrays = {name: _read_member(archive, name, len(raw)) for name in LABEL_ARRAYS}
-    except _BadLabels as err:
-        fail(f"{path}: {err}; not a readable labels file")
-    except Exception as err:  # noqa: BLE001 - zipfile/zlib raise many types for damaged archives
-        fail(f"{path}: not a readable labels file ({type(err).__name__}: {' '.join(str(err).split())[:120]})")
+    arrays = read_npz(path, LABEL_ARRAYS, "labels file")
     true_labels, targets, corrupted = arrays["true_labels"], arrays["targets"], arrays["corrupted"]
     scalars = [arrays[name] for name in ("num_classes", "label_noise", "label_seed")]
     if true_labels.ndim != 1 or targets.shape != true_labels.shape or corrupted.shape != true_labels.shape \
@@ -98,37 +81,3 @@ def load_labels(path: str | Path) -> RunLabels:
         fail(f"{path}: num_classes {num_classes} / label_noise {label_noise} out of range; not a labels file")
     return RunLabels(true_labels.astype(np.int64), targets.astype(np.int64), corrupted, num_classes, label_noise,
                      int(arrays["label_seed"]))
-
-
-class _BadLabels(Exception):
-    """What is wrong with one member of a labels archive (turned into a FastmemError naming the file)."""
-
-
-def _read_member(archive: zipfile.ZipFile, name: str, archive_size: int) -> np.ndarray:
-    """One `name.npy` member: a plain (non-object) array of the expected kind, its size checked first."""
-    try:
-        info = archive.getinfo(name + ".npy")
-    except KeyError:
-        raise _BadLabels(f"no {name!r} array") from None
-    if info.file_size > 64 * archive_size + (1 << 20):
-        raise _BadLabels(f"{name!r} claims {info.file_size} bytes")
-    blob = archive.read(info)
-    stream = io.BytesIO(blob)
-    try:
-        major, _ = np.lib.format.read_magic(stream)
-        if major not in (1, 2):
-            raise ValueError(f".npy format version {major}")
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(stream)
-    except (ValueError, OSError, SyntaxError) as err:
-        raise _BadLabels(f"{name!r} has no valid .npy header ({' '.join(str(err).split())[:80]})") from None
-    if dtype.hasobject or dtype.kind != LABEL_ARRAYS[name] and not (LABEL_ARRAYS[name] == "i" and dtype.kind == "u"):
-        raise _BadLabels(f"{name!r} has dtype {dtype}, expected {_KIND_NAMES[LABEL_ARRAYS[name]]}")
-    count = math.prod(shape)
-    if count < 0 or count * dtype.itemsize != len(blob) - stream.tell():
-        raise _BadLabels(f"{name!r} is truncated or padded ({len(blob) - stream.tell()} data bytes for shape {shape})")
-    array = np.frombuffer(blob, dtype=dtype, count=count, offset=stream.tell())
-    return array.reshape(shape, order="F" if fortran else "C").copy()
-
-
-_KIND_NAMES = {"i": "integers", "b": "booleans", "f": "a float"}

@@ -1,4 +1,8 @@
-"""`python -m fastmem.experiments list | show X | run X`: the experiments of PROTOCOL.md (and the main job), one command each."""
+"""`python -m fastmem.experiments list | show X | run X | status OUT`: the experiments of PROTOCOL.md (and the main job).
+
+`run` trains here (`--executor inline`, the default) or submits through submitit (`local`, `slurm`:
+fastmem/experiments/cluster/); `status` shows where every run of a sweep stands.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fastmem.errors import run_cli
+from fastmem.errors import fail, run_cli
+from fastmem.experiments.cluster.options import ClusterOptions, add_cluster_arguments, options_from_args
 from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALES, Experiment
 from fastmem.experiments.sweep import (
+    SEED_KNOBS,
     PlannedRun,
     get_experiment,
     hold_sweep_lock,
@@ -44,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--jobs", type=int, default=0,
                          help="runs side by side on a CPU, each with cores/jobs threads (0 = one per core); on several GPUs, one run per GPU")
         sub.add_argument("--no-report", action="store_true", help="skip the report after the runs")
+        sub.add_argument("--seeds", type=int, default=1, metavar="S",
+                         help="every run for seeds 0…S-1 (seed and label_seed; S = 1: the spec's seeds, as --set gives)")
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                         help="a progress bar per running run (default: when stderr is a terminal)")
+                         help="progress bars (default: when stderr is a terminal)")
+        if name == "run":
+            add_cluster_arguments(sub)
+    status = commands.add_parser("status", help="where every run of a sweep stands: state, job, requeues, last "
+                                                "metrics and log")
+    status.add_argument("out", metavar="OUT", help="the sweep's output folder (run's --out)")
+    status.add_argument("experiments", nargs="*", metavar="ID", help="experiment id(s) (default: every one in OUT)")
     return parser
 
 
@@ -70,25 +84,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         list_experiments()
         return 0
+    if args.command == "status":
+        from fastmem.experiments.cluster.status import status_report
+
+        print(status_report(Path(args.out), args.experiments))
+        return 0
     ids = list(EXPERIMENTS) if [i.lower() for i in args.experiments] == ["all"] else args.experiments
     experiments = [get_experiment(i) for i in dict.fromkeys(i.upper() for i in ids)]
     overrides = parse_overrides(args.overrides)
+    if args.seeds > 1 and set(overrides) & set(SEED_KNOBS):
+        given = ", ".join(f"--set {k}={overrides[k]}" for k in SEED_KNOBS if k in overrides)
+        fail(f"{given} with --seeds {args.seeds}: --seeds sets seed and label_seed of every run (0…{args.seeds - 1}); "
+             f"drop one of them")
     for name in ("dataset", "data_dir"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    out = Path(args.out)
-    plans = {e.id: plan_experiment(e, args.scale, out, overrides) for e in experiments}
+    options = options_from_args(args) if args.command == "run" else ClusterOptions()
+    if options.executor == "slurm":
+        from fastmem.experiments.cluster.options import check_slurm
+
+        check_slurm()  # one line naming what is missing, before anything is written
+    elif options.executor == "local":
+        from fastmem.experiments.cluster.options import check_submitit
+
+        check_submitit("local")
+    out = Path(args.out) if options.executor == "inline" else Path(args.out).absolute()  # jobs may start elsewhere
+    plans = {e.id: plan_experiment(e, args.scale, out, overrides, seeds=args.seeds) for e in experiments}
     runs = [run for plan in plans.values() for run in plan]
-    validate_plan(runs)  # every run of every experiment, before any starts
+    # every run of every experiment, before any starts (Slurm's runs: their device is checked where they run)
+    validate_plan(runs, devices_here=options.executor != "slurm")
     if args.command == "show":
         for experiment in experiments:
             print(f"experiment {experiment.id}: {experiment.title}")
             for run in plans[experiment.id]:
                 state = "finished" if run.finished else ("interrupted" if (run.run_dir / "config.json").exists() else "new")
-                print(f"  {run.variant.label} [{state}]\n    {' '.join(train_command(run, run.config.threads))}")
+                seed = f" (seed {run.seed})" if args.seeds > 1 else ""
+                print(f"  {run.variant.label}{seed} [{state}]\n    {' '.join(train_command(run, run.config.threads))}")
         return 0
     with hold_sweep_lock(out):  # one sweep runner per output folder
-        return run_experiments(args, out, experiments, plans, runs)
+        if options.executor == "inline":
+            return run_experiments(args, out, experiments, plans, runs)
+        return run_on_cluster(args, options, out, experiments, plans)
 
 
 def run_experiments(args: argparse.Namespace, out: Path, experiments: Sequence[Experiment],
@@ -103,12 +139,49 @@ def run_experiments(args: argparse.Namespace, out: Path, experiments: Sequence[E
           flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     rows = run_plan(runs, jobs=args.jobs, gpus=gpus, progress=progress)
+    finish(args, rows, sweep_dirs, started)
+    return 0
+
+
+def finish(args: argparse.Namespace, rows: Sequence[Mapping[str, object]], sweep_dirs: Sequence[Path],
+           started: float) -> None:
+    """The summary table, the time taken and the reports: the end of every executor's run."""
     print(f"\n{summary_table(rows)}\n\ntook {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
         from fastmem.report.render import write_report
 
         for sweep_dir in sweep_dirs:
             print(f"report: {write_report(sweep_dir, sweep_dir / 'report')}")
+
+
+def run_on_cluster(args: argparse.Namespace, options: ClusterOptions, out: Path, experiments: Sequence[Experiment],
+                   plans: Mapping[str, Sequence[PlannedRun]]) -> int:
+    """Write the plans and submit what is missing through submitit; with --wait (local: always) follow the jobs,
+    then print the summary and write the reports as the inline runner does."""
+    from fastmem.experiments.cluster.submit import run_on_cluster as submit_and_watch
+    from fastmem.experiments.cluster.submit import unique_runs
+
+    sweep_dirs = [write_plan(e, args.scale, out, plans[e.id]) for e in experiments]
+    started = time.perf_counter()
+    unique = unique_runs(plans)
+    print(f"experiments {', '.join(plans)} at scale {args.scale}: {len(unique)} runs in {out / 'runs'}, "
+          f"through {options.executor}", flush=True)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    outcome = submit_and_watch(out, plans, options, args.jobs, progress)
+    if outcome is None:
+        print(f"\nwatch: python -m fastmem.experiments status {out}\ncollect: the same run command with --wait "
+              f"(it submits nothing twice), or python -m fastmem.report {out}/<ID> once they are done")
+        return 0
+    statuses, minutes = outcome
+    failed = [s for s in statuses.values() if s.state != "done"]
+    if failed:
+        for status in failed:
+            print(f"  {status.line()}")
+        fail(f"{len(failed)} of {len(statuses)} runs did not finish ({', '.join(s.view.label for s in failed[:3])}"
+             f"{', …' if len(failed) > 3 else ''}; status above); run the same command again to resubmit them")
+    rows = [{"run": run, "status": "trained" if run_dir in minutes else "done earlier",
+             "minutes": minutes.get(run_dir, 0.0)} for run_dir, (run, _) in unique.items()]
+    finish(args, rows, sweep_dirs, started)
     return 0
 
 

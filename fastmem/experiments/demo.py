@@ -25,7 +25,9 @@ from fastmem.experiments.specs import MAIN_JOB, SCALE_BASE
 from fastmem.experiments.sweep import PlannedRun, hold_sweep_lock, plan_experiment, run_plan, validate_plan
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.report.demo_plots import plot_benign_vs_malign
+from fastmem.report.main_job import MainJobFigures, claims_text, summary_payload, summary_table
 from fastmem.run.metrics import RunRecords
+from fastmem.runtime import describe_machine
 
 SCALE = "cpu"
 # What the main job trains unless a flag says otherwise: the scale's base knobs under the spec's own.
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bottleneck-dim", type=int, default=DEFAULTS["bottleneck_dim"], help="projector width B")
     add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed of labels, initialisation and augmentation")
+    add("--seeds", type=int, default=1,
+        help="run every variant for seeds 0…S-1 (labels, initialisation, augmentation; the data seed stays): the "
+             "table then gives the mean ± the seeds' standard deviation; S > 1 overrides --seed")
     add("--sequential", action="store_true",
         help="run the two trainings one after the other with all threads (default: side by side, one core each)")
     return parser
@@ -71,7 +76,7 @@ def demo_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def plan_main_job(args: argparse.Namespace) -> list[PlannedRun]:
     """The main job's runs under OUT/runs, as the sweep runner plans them."""
-    return plan_experiment(MAIN_JOB, SCALE, Path(args.out), demo_overrides(args))
+    return plan_experiment(MAIN_JOB, SCALE, Path(args.out), demo_overrides(args), seeds=args.seeds)
 
 
 def earlier_runs(out: Path, runs: Sequence[PlannedRun]) -> list[str]:
@@ -83,23 +88,6 @@ def earlier_runs(out: Path, runs: Sequence[PlannedRun]) -> list[str]:
         return []  # no earlier summary (or not one of ours): nothing to say
     planned = {run.run_dir.name for run in runs}
     return [name for name in named if name not in planned]
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def per_layer_table(runs: Mapping[str, RunRecords]) -> str:
-    """Markdown table: k-NN accuracy per layer for the untrained net and each run's final probe."""
-    first = next(iter(runs.values()))
-    head = "| probe point | untrained | " + " | ".join(f"{label} (epoch {r.final_probe_epoch})" for label, r in runs.items()) + " |"
-    lines = [head, "|" + "---|" * (2 + len(runs))]
-    for layer in first.layers:
-        cells = [_pct(first.untrained_knn(layer))] + [_pct(r.final_knn(layer)) for r in runs.values()]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    fits = [_pct(r.final_fit) for r in runs.values()]
-    lines.append("| *fit of random labels (train acc., last epoch)* | – | " + " | ".join(fits) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,22 +106,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"these arguments train their own runs", flush=True)
         run_plan(runs, jobs=1 if args.sequential else len(runs), gpus=0, threads=None if args.sequential else 1,
                  progress=True)
-    records = {run.variant.label: RunRecords.read(run.run_dir) for run in runs}
-    table = per_layer_table(records)
-    plot = plot_benign_vs_malign(records, out / "benign_vs_malign.png",
-                                 f"Random labels on {args.dataset} ({args.subset} images): k-NN on the true labels per layer")
+    grouped: dict[str, list[tuple[int, Path]]] = {}
+    for run in runs:
+        grouped.setdefault(run.variant.label, []).append((run.seed, run.run_dir))
+    payload = summary_payload(MainJobFigures.read(grouped))
+    table = summary_table(payload)
+    claims = claims_text(payload)
+    first_seed = {label: RunRecords.read(entries[0][1]) for label, entries in grouped.items()}
+    plot = plot_benign_vs_malign(first_seed, out / "benign_vs_malign.png",
+                                 f"Random labels on {args.dataset} ({args.subset} images): k-NN on the true labels "
+                                 f"per layer, 95 % intervals", payload=payload)
     wall = time.perf_counter() - started
+    config = runs[0].config
+    seeds = f"seeds {', '.join(map(str, payload['seeds']))}: mean ± the seeds' standard deviation" \
+        if len(payload["seeds"]) > 1 else "± half the 95 % Wilson interval over the queries"
     summary = (f"# Benign vs malign memorization ({args.dataset}, {args.subset} images, random labels)\n\n"
-               f"k-NN (k={runs[0].config.probe_k}, cosine, {runs[0].config.probe_vote} vote) accuracy in % on "
-               f"{args.probe_subset} test images, "
-               f"reference = the training images with their true labels.\n\n{table}\n\n![plot]({plot.name})\n")
+               f"{config.model} (width {config.width:g}, B = {config.bottleneck_dim}), {payload['epochs']} epochs. "
+               f"k-NN (k={config.probe_k}, cosine, {config.probe_vote} vote) accuracy in % on "
+               f"{payload['queries']} test images, reference = the training images with their true labels; "
+               f"{seeds}; the lift over each seed's untrained network is paired over the same queries "
+               f"([95 % paired bootstrap interval]).\n\n{table}\n\n{claims}\n\n![plot]({plot.name})\n")
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(summary)
     write_json_atomic(out / "summary.json", {
         "experiment": MAIN_JOB.id, "scale": SCALE, "overrides": demo_overrides(args),
-        "runs": {run.variant.label: str(run.run_dir) for run in runs}, "wall_seconds": wall,
+        "runs": {run.variant.label + (f" (seed {run.seed})" if args.seeds > 1 else ""): str(run.run_dir)
+                 for run in runs},
+        **payload, "wall_seconds": round(wall, 1), "machine": describe_machine(),
     }, sort_keys=False)
-    print("\n" + table + f"\n\nplot: {plot}\nsummary: {out / 'summary.md'}  (this invocation took {wall / 60:.1f} min)")
+    print("\n" + table + "\n\n" + claims + f"\n\nplot: {plot}\nsummary: {out / 'summary.md'}  "
+          f"(this invocation took {wall / 60:.1f} min)")
     return 0
 
 

@@ -4,7 +4,9 @@ Layout of an output folder:
     OUT/runs/<slug>-<digest>/   one ordinary `fastmem.train` run directory per distinct knob set
     OUT/<ID>/sweep.json         the experiment's plan: its variants and the run directory of each
 Identical knob sets (the clean-label reference, a run two experiments share) map to one directory,
-so they are trained once. The digest is the run's identity: RUN_FORMAT (the format and code version of
+so they are trained once. `seeds` S > 1 plans every variant S times, seed s = 0…S-1 setting `seed` and
+`label_seed` (on top of the spec's own values: J's retraining keeps its labels apart from its source's);
+S = 1 plans exactly the runs of no seed option. The digest is the run's identity: RUN_FORMAT (the format and code version of
 what a run computes) and every knob of the *resolved* TrainConfig (defaults filled in) but the
 execution-only ones (threads, progress, device, ...: `execution` in fastmem/run/config.py), so a changed
 recipe, a changed default or a new code version plans a new directory and never reuses a finished run.
@@ -12,7 +14,8 @@ A run with summary.json is finished and skipped; one with config.json but no sum
 its last checkpoint (exactly: the trainer's resume restores every RNG). A run directory whose
 config.json holds other knobs than the plan's is refused before any run starts.
 Runs go one per GPU on a multi-GPU machine, or `--jobs` side by side on a CPU; a line per run start and
-finish, and optionally a progress bar per running run. The experiments CLI (fastmem/experiments/__main__.py)
+finish, and optionally a progress bar per running run. Clusters (Slurm through submitit, and submitit's
+local executor) take the same plan in fastmem/experiments/cluster/. The experiments CLI (fastmem/experiments/__main__.py)
 and the main job (fastmem/experiments/demo.py) both plan, validate and run through here.
 """
 
@@ -55,6 +58,7 @@ class PlannedRun:
     run_dir: Path
     config: TrainConfig
     source_dir: Path | None  # J: the run whose final checkpoint this one starts from
+    seed: int = 0  # the run's training seed (config.seed): with --seeds S, one of 0…S-1
 
     @property
     def finished(self) -> bool:
@@ -107,38 +111,56 @@ def _slug(variant_knobs: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text)[:80]
 
 
-def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Mapping[str, Any]) -> list[PlannedRun]:
-    """Every variant of `experiment` at `scale` as a run directory under out/runs, validated up front."""
+SEED_KNOBS = ("seed", "label_seed")
+
+
+def plan_experiment(experiment: Experiment, scale: str, out: Path, overrides: Mapping[str, Any],
+                    seeds: int = 1) -> list[PlannedRun]:
+    """Every variant of `experiment` at `scale` (for each of `seeds` seeds) as a run directory under out/runs.
+
+    With seeds S > 1, seed s sets `seed` and `label_seed` to the spec's values plus s, above `overrides`
+    (which set them only when S = 1). Runs come seed by seed, each seed in the spec's variant order.
+    """
     if scale not in SCALES:
         fail(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if seeds < 1:
+        fail(f"--seeds {seeds}: expected at least 1")
     variants = experiment.variants(scale)
     by_label = {v.label: v for v in variants}
-    planned: dict[str, PlannedRun] = {}
-    identities: dict[str, str] = {}
-    for variant in sorted(variants, key=lambda v: v.init_from is not None):  # sources first
-        unknown = sorted(set(variant.knobs) - KNOB_NAMES)
-        if unknown:
-            fail(f"experiment {experiment.id}, variant {variant.label!r}: unknown knob(s) {', '.join(unknown)}")
-        knobs = {**SCALE_BASE[scale], **experiment.knobs, **variant.knobs, **overrides}
-        source_dir, source_identity = None, None
-        if variant.init_from is not None:
-            if variant.init_from not in by_label:
-                fail(f"experiment {experiment.id}: variant {variant.label!r} starts from unknown {variant.init_from!r}")
-            source = planned[variant.init_from]
-            source_dir, source_identity = source.run_dir, identities[variant.init_from]
-            knobs["init_from"] = str(source_dir / "checkpoint.pt")
-        resolved = TrainConfig(**knobs)  # every default filled in: the identity sees what the trainer will run
-        identity = run_identity(resolved, source_identity)
-        run_dir = out / "runs" / f"{_slug(variant.knobs)}-{identity}"
-        config = dataclasses.replace(resolved, out=str(run_dir))
-        identities[variant.label] = identity
-        planned[variant.label] = PlannedRun(variant, run_dir, config, source_dir)
-    return [planned[v.label] for v in variants]
+    planned: dict[tuple[str, int], PlannedRun] = {}
+    identities: dict[tuple[str, int], str] = {}
+    for s in range(seeds):
+        for variant in sorted(variants, key=lambda v: v.init_from is not None):  # sources first
+            unknown = sorted(set(variant.knobs) - KNOB_NAMES)
+            if unknown:
+                fail(f"experiment {experiment.id}, variant {variant.label!r}: unknown knob(s) {', '.join(unknown)}")
+            spec = {**SCALE_BASE[scale], **experiment.knobs, **variant.knobs}
+            knobs = {**spec, **overrides}
+            if seeds > 1:
+                knobs.update({name: int(spec.get(name, 0)) + s for name in SEED_KNOBS})
+            source_dir, source_identity = None, None
+            if variant.init_from is not None:
+                if variant.init_from not in by_label:
+                    fail(f"experiment {experiment.id}: variant {variant.label!r} starts from unknown {variant.init_from!r}")
+                source = planned[(variant.init_from, s)]  # the same seed's source
+                source_dir, source_identity = source.run_dir, identities[(variant.init_from, s)]
+                knobs["init_from"] = str(source_dir / "checkpoint.pt")
+            resolved = TrainConfig(**knobs)  # every default filled in: the identity sees what the trainer will run
+            identity = run_identity(resolved, source_identity)
+            run_dir = out / "runs" / f"{_slug(variant.knobs)}-{identity}"
+            config = dataclasses.replace(resolved, out=str(run_dir))
+            identities[(variant.label, s)] = identity
+            planned[(variant.label, s)] = PlannedRun(variant, run_dir, config, source_dir, seed=resolved.seed)
+    return [planned[(v.label, s)] for s in range(seeds) for v in variants]
 
 
-def validate_plan(runs: Sequence[PlannedRun]) -> None:
-    """Check every run's knobs and that its data is there, before any run starts."""
+def validate_plan(runs: Sequence[PlannedRun], devices_here: bool = True) -> None:
+    """Check every run's knobs and that its data is there, before any run starts.
+
+    `devices_here` False (runs submitted to other machines, e.g. Slurm from a login node without a GPU): the
+    device and precision are left to the trainer on the machine that runs it (a bad one fails that job)."""
     from fastmem.data.splits import select_run_data
+    from fastmem.runtime import PRECISIONS
     from fastmem.train.build import validate
     from fastmem.train.reinit import check_init_knobs
 
@@ -146,15 +168,17 @@ def validate_plan(runs: Sequence[PlannedRun]) -> None:
     for run in runs:
         check_saved_config(run)
         cfg = run.config
+        if not devices_here:
+            cfg = dataclasses.replace(cfg, device="cpu", precision="fp32" if cfg.precision in PRECISIONS else cfg.precision)
         if run.source_dir is not None and not run.finished:  # its source's checkpoint may not exist yet
             validate(dataclasses.replace(cfg, init_from="", reinit=""))
             check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim, checkpoint_must_exist=False)
         else:
             validate(cfg)
-        key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.image_size)
+        key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.probe_reference, cfg.image_size)
         if key not in checked:
             select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
-                            image_size=cfg.image_size, seed=cfg.seed)
+                            image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=cfg.probe_reference)
             checked.add(key)
 
 
@@ -204,16 +228,20 @@ def write_plan(experiment: Experiment, scale: str, out: Path, runs: Sequence[Pla
         "experiment": experiment.id, "title": experiment.title, "varies": experiment.varies,
         "expectation": experiment.expectation, "scale": scale, "x_label": experiment.x_label,
         "plots": list(experiment.plots), "note": experiment.notes.get(scale, ""),
+        "seeds": len({r.seed for r in runs}),
         "runs": [{"label": r.variant.label, "role": r.variant.role, "value": r.variant.value, "group": r.variant.group,
                   "run_dir": os.path.relpath(r.run_dir, sweep_dir), "knobs": dict(r.variant.knobs),
-                  "init_from": r.variant.init_from} for r in runs],
+                  "init_from": r.variant.init_from, "seed": r.seed, "epochs": r.config.epochs} for r in runs],
     })
     return sweep_dir
 
 
-def train_command(run: PlannedRun, threads: int) -> list[str]:
-    """The `python -m fastmem.train` command that starts or resumes `run`."""
-    if (run.run_dir / "config.json").exists():
+def train_command(run: PlannedRun, threads: int, resume: bool | None = None) -> list[str]:
+    """The `python -m fastmem.train` command that starts or resumes `run` (`resume` None: resume when it has a
+    config.json)."""
+    if resume is None:
+        resume = (run.run_dir / "config.json").exists()
+    if resume:
         return [sys.executable, "-m", "fastmem.train", "--resume", str(run.run_dir), "--threads", str(threads),
                 "--progress", "false"]
     command = [sys.executable, "-m", "fastmem.train"]

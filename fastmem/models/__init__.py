@@ -8,13 +8,14 @@ from fastmem.errors import fail
 
 from .encoder import BlockEncoder, EncoderProjector, Projector, global_pool
 from .resnet import resnet18_cifar_encoder
-from .small import mlp_encoder, small_cnn_encoder
+from .small import conv4_encoder, mlp_encoder, small_cnn_encoder
 
 EncoderFactory = Callable[[int, int, float], BlockEncoder]
 
 _ENCODERS: dict[str, EncoderFactory] = {
     "resnet18": lambda channels, size, width: resnet18_cifar_encoder(channels, width),
     "small_cnn": lambda channels, size, width: small_cnn_encoder(channels, width),
+    "conv4": lambda channels, size, width: conv4_encoder(channels, width),
     "mlp": lambda channels, size, width: mlp_encoder(channels, size, width),
 }
 

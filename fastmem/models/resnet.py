@@ -41,4 +41,18 @@ def resnet18_cifar_encoder(in_channels: int = 3, width: float = 1.0) -> BlockEnc
         stride = 1 if i == 0 else 2
         blocks[f"stage{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1))
         in_ch = out_ch
-    return BlockEncoder(blocks, out_dim=in_ch)
+    encoder = BlockEncoder(blocks, out_dim=in_ch)
+    init_like_torchvision(encoder)
+    return encoder
+
+
+def init_like_torchvision(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation, which the paper's reference code uses: convs kaiming_normal_
+    (fan_out, ReLU gain), BatchNorm weight 1 and bias 0 (PyTorch's own conv default is kaiming_uniform_ with
+    a=sqrt(5)). The untrained network's probe depends on it."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)

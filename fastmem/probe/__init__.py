@@ -7,7 +7,9 @@ test images; cosine k-NN (k = DEFAULT_K, majority vote by default; fastmem/kerne
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +88,23 @@ def embed_split(
     return OrderedDict((layer, found[layer]) for layer in layers)
 
 
-def probe_knn(
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe's k-NN predictions per probe point (class per query), with the queries' true labels."""
+
+    predictions: OrderedDict[str, np.ndarray]
+    truth: np.ndarray
+
+    def correct(self, layer: str) -> np.ndarray:
+        """Per-query correctness (bool) at one probe point."""
+        return self.predictions[layer] == self.truth
+
+    def accuracy(self) -> OrderedDict[str, float]:
+        """k-NN accuracy (0–1) per probe point, in probe order."""
+        return OrderedDict((layer, float(self.correct(layer).mean())) for layer in self.predictions)
+
+
+def probe_predictions(
     model: EncoderProjector,
     train_images: np.ndarray,
     train_labels: np.ndarray,
@@ -108,8 +126,8 @@ def probe_knn(
     extract_backend: str = "eager",
     engine_dir: str | Path | None = None,
     host_chunk_bytes: int = HOST_CHUNK_BYTES,
-) -> OrderedDict[str, float]:
-    """k-NN accuracy (0–1) against the true labels at every requested probe point, in probe order.
+) -> ProbeResult:
+    """The k-NN prediction of every query at every requested probe point (reference labels: the true ones).
 
     `distributed`: every torchrun rank calls this with the same inputs; extraction and queries are
     split across ranks (sharded.py) and every rank returns the single-process result exactly.
@@ -128,9 +146,8 @@ def probe_knn(
                   batch_size=extract_batch_size, forward=forward, distributed=distributed, store=store)
     reference = embed_split(model, train_images, train_labels, "train", wanted, **common)
     queries = embed_split(model, test_images, test_labels, "test", wanted, **common)
-    truth = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    accuracy: OrderedDict[str, float] = OrderedDict()
+    predictions: OrderedDict[str, np.ndarray] = OrderedDict()
     classify = knn_classify_sharded if distributed else knn_classify
     for layer in wanted:
         predicted = classify(
@@ -138,10 +155,19 @@ def probe_knn(
             queries[layer].vectors, k=k, vote=vote, temperature=temperature,
             num_classes=classes, device=device, backend=knn_backend, chunk_bytes=host_chunk_bytes,
         )
-        accuracy[layer] = float((predicted.cpu() == truth).float().mean())
-    return accuracy
+        predictions[layer] = predicted.cpu().numpy().astype(np.int64)
+    return ProbeResult(predictions, np.asarray(test_labels).astype(np.int64))
+
+
+def probe_knn(model: EncoderProjector, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+              test_labels: np.ndarray, *, device: torch.device, k: int = DEFAULT_K,
+              temperature: float = DEFAULT_TEMPERATURE, **options: Any) -> OrderedDict[str, float]:
+    """k-NN accuracy (0–1) against the true labels at every requested probe point, in probe order
+    (probe_predictions' options)."""
+    return probe_predictions(model, train_images, train_labels, test_images, test_labels, device=device, k=k,
+                             temperature=temperature, **options).accuracy()
 
 
 __all__ = ["CACHE_FORMAT_VERSION", "EXTRACTION_VERSION", "EXTRACT_BACKENDS", "SPILL_BYTES", "TRT_ENGINE_DIR", "CacheKey",
            "Embedding", "EmbeddingCache", "EmbeddingCacheWarning", "EmbeddingStore", "ExtractionConfig", "embed_split",
-           "extract_embeddings", "probe_knn", "state_digest"]
+           "ProbeResult", "extract_embeddings", "probe_knn", "probe_predictions", "state_digest"]

@@ -101,7 +101,7 @@ def _probe(args: argparse.Namespace, run_dir: Path, cfg: TrainConfig, cache_dir:
         fail(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,
                                   probe_subset=cfg.probe_subset if args.probe_subset is None else args.probe_subset,
-                                  image_size=cfg.image_size, seed=cfg.seed)
+                                  image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=cfg.probe_reference)
     torch.manual_seed(cfg.seed)
     height, _, channels = train.image_shape
     model = create_model(cfg.model, num_classes=train.num_classes, in_channels=channels, image_size=height,

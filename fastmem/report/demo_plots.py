@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -19,18 +20,48 @@ def _percent(value: float | None) -> float:
     return math.nan if value is None else 100 * value
 
 
-def plot_benign_vs_malign(runs: Mapping[str, RunRecords], path: str | Path, title: str) -> Path:
-    """Three panels: final per-layer k-NN per run (with the untrained net), k-NN of each layer over
-    epochs, and the random-label fit over epochs."""
+def _error_bars(entries: list[Mapping[str, Any] | None]) -> tuple[list[float], list[list[float]]]:
+    """Centres and (lower, upper) bar lengths in percent: the 95 % interval (one seed) or ± the seeds' sd."""
+    centres, lows, highs = [], [], []
+    for entry in entries:
+        if not entry:
+            centres.append(math.nan), lows.append(0.0), highs.append(0.0)
+            continue
+        value = 100 * entry["accuracy"]
+        if "interval_95" in entry:
+            low, high = (100 * v for v in entry["interval_95"])
+        else:
+            low, high = value - 100 * entry["seed_std"], value + 100 * entry["seed_std"]
+        centres.append(value), lows.append(value - low), highs.append(high - value)
+    return centres, [lows, highs]
+
+
+def plot_benign_vs_malign(runs: Mapping[str, RunRecords], path: str | Path, title: str,
+                          payload: Mapping[str, Any] | None = None) -> Path:
+    """Three panels: final per-layer k-NN per run (with the untrained net; error bars from `payload`, the main
+    job's summary, when given), k-NN of each layer over epochs, and the random-label fit over epochs."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     first = next(iter(runs.values()))
     layers = first.layers
-    untrained = first.untrained
-    axes[0].plot(layers, [_percent(untrained.get(n)) for n in layers], "k--", marker="o", label="untrained (epoch 0)")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if payload is not None:
+        rows = payload["layers"]
+        centres, bars = _error_bars([rows.get(n, {}).get("untrained") for n in layers])
+        axes[0].errorbar(layers, centres, yerr=bars, fmt="k--o", capsize=3, label="untrained (epoch 0)")
+        for colour, label in zip(colours, runs):
+            centres, bars = _error_bars([rows.get(n, {}).get(label) for n in layers])
+            axes[0].errorbar(layers, centres, yerr=bars, fmt="-o", color=colour, capsize=3,
+                             label=f"{label} (epoch {runs[label].final_probe_epoch})")
+            if len(payload.get("seeds", [])) > 1:  # every seed's point beside the mean
+                points = [(n, 100 * p["value"]) for n in layers for p in (rows.get(n, {}).get(label) or {}).get("per_seed", [])]
+                axes[0].plot([n for n, _ in points], [v for _, v in points], ".", color=colour, alpha=0.5)
+    else:
+        untrained = first.untrained
+        axes[0].plot(layers, [_percent(untrained.get(n)) for n in layers], "k--", marker="o", label="untrained (epoch 0)")
+        for colour, (label, records) in zip(colours, runs.items()):
+            axes[0].plot(layers, [_percent(records.final_knn(n)) for n in layers], marker="o", color=colour,
+                         label=f"{label} (epoch {records.final_probe_epoch})")
     for colour, (label, records) in zip(colours, runs.items()):
-        axes[0].plot(layers, [_percent(records.final_knn(n)) for n in layers], marker="o", color=colour,
-                     label=f"{label} (epoch {records.final_probe_epoch})")
         shown = dict.fromkeys((layers[-1], layers[-2], "h", layers[min(2, len(layers) - 1)]))
         for style, layer in zip(("-", "--", ":", "-."), shown):
             curve = records.knn_curve(layer)

@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path
+from fastmem.report.cells import cell
 from fastmem.report.figures import (
-    SweepRun,
     plot_capacity,
     plot_final_per_layer,
     plot_fit_vs_epoch,
     plot_fit_vs_views,
     plot_knn_vs_epoch,
+    plot_lift_per_layer,
     plot_tradeoff,
 )
+from fastmem.report.variants import SweepRun, VariantRuns, group_runs, shared_untrained
 from fastmem.run.config import TrainConfig
 from fastmem.run.metrics import RunRecords
 
 DEFAULTS = TrainConfig()  # knob values a sweep's base leaves at their default
 
 
-def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
-    """The sweep's plan and its runs with their metrics (one SweepRun per variant, in plan order)."""
+def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[VariantRuns]]:
+    """The sweep's plan and its variants (in plan order), each with its runs (one per seed) and their metrics."""
     plan_path = sweep_dir / "sweep.json"
     if not plan_path.is_file():
         fail(f"{sweep_dir}: not a sweep folder (no sweep.json; run python -m fastmem.experiments run first)")
@@ -46,83 +47,162 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
         run_dir = sweep_dir / entry["run_dir"]
         config_path = run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        seed = entry.get("seed", config.get("seed", 0))
         runs.append(SweepRun(RunRecords.read(run_dir).records, label=entry["label"], role=entry.get("role", "run"),
                              value=entry.get("value"), group=entry.get("group", ""), knobs=entry.get("knobs", {}),
-                             config=config))
-    return plan, runs
+                             config=config, seed=int(seed), run_dir=run_dir))
+    return plan, group_runs(runs)
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+def _several_seeds(variants: Sequence[VariantRuns]) -> bool:
+    return any(len(v.runs) > 1 for v in variants)
 
 
-def results_table(runs: Sequence[SweepRun]) -> str:
-    """Per run: epochs, fit of its labels, agreement with the true labels, final k-NN per probe point."""
-    layers = next((r.layers for r in runs if r.layers), [])
-    head = "| run | epochs | fit (own labels) | agree (true labels) | " + " | ".join(layers) + " |"
-    lines = [head, "|" + "---|" * (4 + len(layers))]
-    reference = next((r for r in runs if r.untrained), None)
-    if reference is not None:
-        lines.append("| *untrained (epoch 0)* | 0 | – | – | "
-                     + " | ".join(_pct(reference.untrained_knn(n)) for n in layers) + " |")
-    for run in runs:
-        fits = run.fits
-        epochs = fits[-1]["epoch"] if fits else 0
-        name = f"*{run.label}*" if run.role == "clean" else run.label
-        lines.append(f"| {name} | {epochs} | {_pct(run.final_fit)} | {_pct(run.final_agree)} | "
-                     + " | ".join(_pct(run.final_knn(n)) for n in layers) + " |")
+def _epochs(variant: VariantRuns) -> str:
+    epochs = variant.epochs
+    if not epochs:
+        return "0"
+    return str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}"
+
+
+def _name(variant: VariantRuns) -> str:
+    return f"*{variant.label}*" if variant.role == "clean" else variant.label
+
+
+def results_table(variants: Sequence[VariantRuns]) -> str:
+    """Per variant: epochs, fit of its labels, agreement with the true labels, final k-NN per probe point (± half the
+    95 % interval with one seed, ± sd over several). An *untrained (epoch 0)* row precedes the variants whose
+    untrained network it is (one row when all share it)."""
+    layers = next((v.layers for v in variants if v.layers), [])
+    seeds = _several_seeds(variants)
+    head = "| run | " + ("seeds | " if seeds else "") + "epochs | fit (own labels) | agree (true labels) | "
+    lines = [head + " | ".join(layers) + " |", "|" + "---|" * (4 + seeds + len(layers))]
+    shown: tuple[Any, ...] = ()
+    for variant in variants:
+        signature = variant.untrained_signature
+        if signature and signature != shown:
+            lines.append("| *untrained (epoch 0)* | " + (f"{len(variant.probed)} | " if seeds else "") + "0 | – | – | "
+                         + " | ".join(cell(variant.untrained(n)) for n in layers) + " |")
+            shown = signature
+        lines.append(f"| {_name(variant)} | " + (f"{len(variant.runs)} | " if seeds else "")
+                     + f"{_epochs(variant)} | {cell(variant.fit)} | {cell(variant.agree)} | "
+                     + " | ".join(cell(variant.final(n)) for n in layers) + " |")
     return "\n".join(lines)
 
 
-def _knobs_table(runs: Sequence[SweepRun], plan: dict[str, Any], sweep_dir: Path) -> str:
-    lines = ["| run | knobs | run directory |", "|---|---|---|"]
-    for run, entry in zip(runs, plan["runs"]):
-        knobs = ", ".join(f"{k}={v}" for k, v in run.knobs.items()) or "(scale base)"
+def lift_table(variants: Sequence[VariantRuns]) -> str:
+    """Per variant and probe point: final − untrained accuracy of the same run (epoch 0, same queries), in points,
+    with the paired bootstrap 95 % interval (one seed) or ± the seeds' sd (several)."""
+    layers = next((v.layers for v in variants if v.layers), [])
+    lines = ["| run | " + " | ".join(layers) + " |", "|" + "---|" * (1 + len(layers))]
+    for variant in variants:
+        if variant.probed:
+            lines.append(f"| {_name(variant)} | " + " | ".join(cell(variant.lift(n), signed=True) for n in layers) + " |")
+    return "\n".join(lines)
+
+
+def _knobs_table(plan: dict[str, Any], several_seeds: bool) -> str:
+    lines = ["| run | " + ("seed | " if several_seeds else "") + "knobs | run directory |",
+             "|---|" + ("---|" if several_seeds else "") + "---|---|"]
+    for entry in plan["runs"]:
+        knobs = ", ".join(f"{k}={v}" for k, v in entry.get("knobs", {}).items()) or "(scale base)"
         if entry.get("init_from"):
             knobs += f", starts from the final checkpoint of “{entry['init_from']}”"
-        lines.append(f"| {run.label} | {knobs} | `{entry['run_dir']}` |")
+        seed = f"{entry.get('seed', 0)} | " if several_seeds else ""
+        lines.append(f"| {entry['label']} | {seed}{knobs} | `{entry['run_dir']}` |")
     return "\n".join(lines)
+
+
+def _queries(variants: Sequence[VariantRuns]) -> int:
+    return next((int(r["probe_queries"]) for v in variants for run in v.runs for r in run.probes
+                 if r.get("probe_queries")), 0)
+
+
+def _reference_text(base: Mapping[str, Any]) -> str:
+    reference = int(base.get("probe_reference") or 0)
+    if reference > 0:
+        return (f"reference = the first {reference} training images of the data seed's order (fixed across N), "
+                "with their true labels")
+    return "reference = the training images with their true labels"
+
+
+def _statistics_text(variants: Sequence[VariantRuns]) -> str:
+    queries = _queries(variants)
+    if _several_seeds(variants):
+        seeds = sorted({s for v in variants for s in v.seeds})
+        text = (f"Each figure is the mean over seeds {', '.join(map(str, seeds))} ± the seeds' sample standard "
+                "deviation (sd); the figures draw each seed's point.")
+    elif queries:
+        text = (f"Each accuracy carries ± half its 95 % Wilson interval over the {queries} test queries; each lift its paired bootstrap "
+                "95 % interval [low, high] over the same queries.")
+    else:
+        text = ("These runs recorded no query counts or predictions (an older format): their accuracies are bare values, "
+                "without intervals.")
+    return text
+
+
+def _lift_text(variants: Sequence[VariantRuns]) -> str:
+    runs = [run for v in variants for run in v.probed if run.untrained and run.final_probe_epoch]
+    text = "Final k-NN accuracy minus the same run's epoch-0 probe (its own untrained network, the same queries)"
+    if _several_seeds(variants):
+        text += ": the mean over seeds ± the seeds' sd."
+    elif any(run.lifts for run in runs):
+        text += ": [the paired bootstrap 95 % interval]; an interval that contains 0 is no finding."
+    else:
+        text += "."
+    if any(not run.lifts for run in runs):
+        text += " Bare values: runs that kept no per-query predictions (no paired interval)."
+    return text
 
 
 def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render report.md and its PNGs for the sweep in `sweep_dir`; returns the markdown path."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out is not None else sweep_dir / "report"
-    plan, runs = load_sweep(sweep_dir)
-    if not any(r.records for r in runs):
+    plan, variants = load_sweep(sweep_dir)
+    if not any(v.records for v in variants):
         fail(f"{sweep_dir}: no run has metrics yet; nothing to report")
     exp, scale = plan["experiment"], plan["scale"]
-    base = next((r.config for r in runs if r.config), {})
+    base = next((v.config for v in variants if v.config), {})
     setting = (f"{base.get('dataset')} ({base.get('subset') or 'all'} training images, {base.get('probe_subset') or 'all'} "
                f"test queries), {base.get('model')} width {base.get('width')}, projector B={base.get('bottleneck_dim')}, "
                f"{base.get('loss')} loss, {base.get('optimizer')} lr {base.get('lr')}, batch {base.get('batch_size')}")
     name = f"{exp}: {plan['title']}"
-    layers = next((r.layers for r in runs if r.layers), [])
+    layers = next((v.layers for v in variants if v.layers), [])
     late = [n for n in ("h", "z") if n in layers]
     figures = [
-        ("Final k-NN accuracy per probe point", plot_final_per_layer(runs, out / "final_per_layer.png", f"{name}: final k-NN per layer")),
-        ("k-NN accuracy over training, per probe point", plot_knn_vs_epoch(runs, out / "knn_vs_epoch.png", f"{name}: k-NN over training")),
-        ("Fit of the training labels over training", plot_fit_vs_epoch(runs, out / "fit_vs_epoch.png", f"{name}: label fit")),
+        ("Final k-NN accuracy per probe point", plot_final_per_layer(variants, out / "final_per_layer.png", f"{name}: final k-NN per layer")),
+        ("Lift over the untrained network, per probe point", plot_lift_per_layer(variants, out / "lift_per_layer.png", f"{name}: final − untrained k-NN")),
+        ("k-NN accuracy over training, per probe point", plot_knn_vs_epoch(variants, out / "knn_vs_epoch.png", f"{name}: k-NN over training")),
+        ("Fit of the training labels over training", plot_fit_vs_epoch(variants, out / "fit_vs_epoch.png", f"{name}: label fit")),
     ]
     if "tradeoff" in plan["plots"]:
-        figures.append(("Memorization vs generalization", plot_tradeoff(runs, out / "tradeoff.png", f"{name}: fit vs k-NN", late)))
+        figures.append(("Memorization vs generalization", plot_tradeoff(variants, out / "tradeoff.png", f"{name}: fit vs k-NN", late)))
     if "fit_vs_views" in plan["plots"]:
-        figures.append(("Fit against the number of labelled views", plot_fit_vs_views(runs, out / "fit_vs_views.png", f"{name}: capacity")))
+        figures.append(("Fit against the number of labelled views", plot_fit_vs_views(variants, out / "fit_vs_views.png", f"{name}: capacity")))
     if "capacity" in plan["plots"]:
-        figures.append(("Capacity axes", plot_capacity(runs, out / "capacity.png", f"{name}: fit and k-NN per axis", late)))
+        figures.append(("Capacity axes", plot_capacity(variants, out / "capacity.png", f"{name}: fit and k-NN per axis", late)))
+    untrained = ("The *untrained (epoch 0)* row is the epoch-0 probe of every run's network (they all start from it)"
+                 if shared_untrained(variants) else
+                 "Each *untrained (epoch 0)* row is the epoch-0 probe of the runs below it, up to the next such row (their "
+                 "untrained networks differ)")
     text = [
         f"# Experiment {name} (scale `{scale}`)", "",
         f"**Varies:** {plan['varies']}.  ", f"**Expected (PROTOCOL.md):** {plan['expectation']}.  ",
         f"**Setting:** {setting}; k-NN k={base.get('probe_k', DEFAULTS.probe_k)}, {base.get('probe_vote', DEFAULTS.probe_vote)} vote, cosine, "
-        "reference = the training images with their true labels.", "",
+        f"{_reference_text(base)}.", "",
         *([f"**Note:** {plan['note']}", ""] if plan.get("note") else []),
-        "## Results (accuracy in %)", "", results_table(runs), "",
-        "Clean-label reference runs are in *italics*; “fit” is the training accuracy on the run's own (random) labels "
-        "over the last epoch, “agree” how often the prediction equals the true label.", "",
+        "## Results (accuracy in %)", "", results_table(variants), "",
+        f"{_statistics_text(variants)} {untrained}. Clean-label reference runs are in *italics*; “fit” is the training "
+        "accuracy on the run's own (random) labels over the last epoch, “agree” how often the prediction equals the true "
+        "label.", "",
+        "## Lift over the untrained network (points)", "", lift_table(variants), "",
+        _lift_text(variants), "",
         *[line for caption, path in figures for line in (f"## {caption}", "", f"![{caption}]({path.name})", "")],
-        "## Runs", "", _knobs_table(runs, plan, sweep_dir), "",
+        "## Runs", "", _knobs_table(plan, _several_seeds(variants)), "",
         f"Reproduce: `python -m fastmem.experiments run {exp} --scale {scale}`"
-        + (f" --dataset {base.get('dataset')}" if base.get("dataset") not in (None, "fashion-mnist") else "") + "",
+        + (f" --dataset {base.get('dataset')}" if base.get("dataset") not in (None, "fashion-mnist") else "")
+        + (f" --seeds {plan['seeds']}" if int(plan.get("seeds") or 1) > 1 else "") + "",
     ]
     report = out / "report.md"
     with atomic_path(report) as tmp:
@@ -138,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = write_report(args.sweep_dir, args.out)
     print(f"report: {report}")
-    print(report.read_text().split("## Results (accuracy in %)")[1].split("\n## ")[0].strip())
+    text = report.read_text()
+    for section in ("## Results (accuracy in %)", "## Lift over the untrained network (points)"):
+        print(section)
+        print(text.split(section)[1].split("\n## ")[0].strip())
     return 0
 
 

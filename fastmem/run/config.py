@@ -35,7 +35,11 @@ class TrainConfig:
     data_dir: str | None = _knob(None, "where the dataset files are (else $FASTMEM_DATA, then system locations)")
     subset: int = _knob(0, "train on a seeded random subset of this many training images (0 = all)")
     probe_subset: int = _knob(0, "probe with this many test images as queries (0 = all)")
+    probe_reference: int = _knob(0, "k-NN reference of the probe: this many training-split images of the data seed's "
+                                    "order, which contains every smaller --subset (0 = the training images)")
     image_size: int = _knob(0, "decode/resize size for imagefolder and synthetic data (0 = 64 / 32)")
+    data_seed: int = _knob(0, "seed of the data choices: the training subset, the probe queries and the i.i.d. view "
+                              "pool (kept apart from --seed, so a seed sweep varies only labels, init and augmentation)")
     # labels
     label_noise: float = _knob(1.0, "fraction of training labels redrawn uniformly at random (1 = all random)")
     label_seed: int = _knob(0, "seed of the random labels")
@@ -54,7 +58,7 @@ class TrainConfig:
     cutmix: float = _knob(0.0, "per-batch probability of CutMix (a box of area 1-lam pasted from x[perm]; labels "
                           "kept); mixup + cutmix <= 1")
     # model
-    model: str = _knob("small_cnn", "model: small_cnn, resnet18 (CIFAR stem), mlp")
+    model: str = _knob("small_cnn", "model: small_cnn, conv4 (plain strided CNN), resnet18 (CIFAR stem), mlp")
     width: float = _knob(1.0, "width multiplier of the encoder")
     bottleneck_dim: int = _knob(4096, "projector width B (0 = a single linear head)")
     init_from: str = _knob("", "start from the weights of this run directory or checkpoint.pt (experiment J)")
@@ -76,7 +80,7 @@ class TrainConfig:
     sync_bn: bool = _knob(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only) instead "
                           "of each rank normalizing its own batch")
     threads: int = _knob(0, "torch CPU threads (0 = torch's default)", execution=True)
-    seed: int = _knob(0, "seed of initialisation, data order and augmentation")
+    seed: int = _knob(0, "seed of initialisation, data order and augmentation (not of the data choices: --data-seed)")
     # probe
     probe_every: int = _knob(0, "k-NN probe every E epochs, plus the untrained net and the end (0 = start and end only, -1 = never)")
     probe_k: int = _knob(DEFAULT_K, "k of the k-NN probe")

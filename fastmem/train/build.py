@@ -55,6 +55,11 @@ class RunData:
     probe_queries: ArrayDataset
     labels: RunLabels
     view_pool: ViewPool | None = None  # --iid-views: reserved same-class images per training image
+    probe_reference: ArrayDataset | None = None  # the probe's k-NN reference (true labels); None: `train`
+
+    @property
+    def reference(self) -> ArrayDataset:
+        return self.train if self.probe_reference is None else self.probe_reference
 
 
 def validate(cfg: TrainConfig) -> AugmentSpec:
@@ -85,6 +90,11 @@ def validate(cfg: TrainConfig) -> AugmentSpec:
     spec = AugmentSpec.parse(cfg.augment)
     if cfg.iid_views < 0:
         fail(f"--iid-views must be >= 0, got {cfg.iid_views}")
+    if cfg.iid_views and not cfg.subset:
+        fail(f"--iid-views {cfg.iid_views} needs a --subset: the views are drawn from the training images outside "
+             "it, and without one every image is an anchor")
+    if cfg.probe_reference < 0:
+        fail(f"--probe-reference must be >= 0, got {cfg.probe_reference}")
     check_pipeline(cfg.pipeline, spec, view_pool=cfg.iid_views > 0)  # augment ops and --iid-views, before any data
     check_mixing_knobs(cfg.mixup, cfg.cutmix)
     check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
@@ -129,9 +139,9 @@ def check_same_run(checkpoint: dict[str, Any], path: Path, cfg: TrainConfig) -> 
 def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     """Training images (optionally a seeded subset), probe queries, and the run's labels."""
     splits = load_run_splits(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
-                             image_size=cfg.image_size, seed=cfg.seed)
+                             image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=cfg.probe_reference)
     train, test = splits.train, splits.test
-    view_pool = build_iid_view_pool(splits, cfg.iid_views, cfg.seed) if cfg.iid_views else None
+    view_pool = build_iid_view_pool(splits, cfg.iid_views, cfg.data_seed) if cfg.iid_views else None
     labels = make_targets(train.labels, train.num_classes, cfg.label_noise, cfg.label_seed)
     labels_path = run_dir / "labels.npz"
     if resuming and labels_path.exists():
@@ -140,7 +150,7 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
             fail(f"{labels_path}: saved labels differ from the ones this config draws (data changed?)")
     elif is_main_rank():  # under torchrun only rank 0 writes files
         save_labels(labels_path, labels)
-    return RunData(train, test, labels, view_pool)
+    return RunData(train, test, labels, view_pool, splits.reference)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -32,7 +32,7 @@ from fastmem.distributed import (
 )
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import write_json_atomic
-from fastmem.probe import probe_knn
+from fastmem.probe import probe_predictions
 from fastmem.run.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng_state,
@@ -42,6 +42,7 @@ from fastmem.run.checkpoint import (
 from fastmem.run.config import TrainConfig, parse_args
 from fastmem.run.lock import release_run_lock
 from fastmem.run.metrics import knn_key
+from fastmem.run.predictions import write_predictions
 from fastmem.runtime import autocast
 from fastmem.train.build import Run, build_run
 from fastmem.train.interrupt import Interrupted, StopSignals
@@ -62,19 +63,23 @@ def should_probe(cfg: TrainConfig, epoch: int) -> bool:
     return epoch == 0 or epoch == cfg.epochs or (cfg.probe_every > 0 and epoch % cfg.probe_every == 0)
 
 
-def probe_run(run: Run, epoch: int) -> dict[str, float]:
-    """The in-training k-NN probe of every probe point, as metrics keys (every rank probes rank 0's model)."""
+def probe_run(run: Run, epoch: int) -> dict[str, Any]:
+    """The in-training k-NN probe of every probe point, as metrics keys (every rank probes rank 0's model);
+    rank 0 keeps the per-query predictions (RUN_DIR/probe_predictions/) for the reports' intervals."""
     cfg, data = run.cfg, run.data
     broadcast_buffers_from_main(run.model)
-    accuracy = probe_knn(
-        run.model, data.train.images, data.train.labels, data.probe_queries.images, data.probe_queries.labels,
+    result = probe_predictions(
+        run.model, data.reference.images, data.reference.labels, data.probe_queries.images, data.probe_queries.labels,
         device=run.device, dtype=run.dtype, k=cfg.probe_k, vote=cfg.probe_vote, temperature=cfg.probe_temperature,
         num_classes=data.train.num_classes, project_dim=cfg.probe_project_dim, distributed=run.ranks.world > 1,
         extract_backend=cfg.extract_backend,
         engine_dir=None,  # weights change every probe: engines are built in memory, cached only by the probe CLI
     )
+    if run.ranks.is_main:
+        write_predictions(run.run_dir, epoch, result.predictions, result.truth)
+    accuracy = result.accuracy()
     print(f"  k-NN @ epoch {epoch}: " + "  ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
-    return {knn_key(name): value for name, value in accuracy.items()}
+    return {**{knn_key(name): value for name, value in accuracy.items()}, "probe_queries": int(result.truth.size)}
 
 
 def write_checkpoint(run: Run, epoch: int, in_progress: dict[str, Any] | None = None) -> None:
