@@ -69,7 +69,8 @@ class SlurmCluster:
         self._previous_conf: str | None = None
 
     # -- configuration ----------------------------------------------------------------------------------------
-    def _write_files(self) -> None:
+    def write_files(self) -> None:
+        """The munge key and slurm.conf (no daemon is started)."""
         for sub in ("etc", "munge", "spool", "state", "log", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
@@ -112,7 +113,7 @@ class SlurmCluster:
 
     def start(self, timeout_s: float = 60.0) -> SlurmCluster:
         """Write the files, start the three daemons, wait for the node to be idle; sets $SLURM_CONF."""
-        self._write_files()
+        self.write_files()
         m = self.root / "munge"
         self._start("munged", [_program("munged"), "--foreground", "--force", f"--key-file={m / 'munge.key'}",
                                f"--socket={m / 'munge.socket.2'}", f"--pid-file={m / 'munged.pid'}",

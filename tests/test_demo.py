@@ -15,14 +15,14 @@ from fastmem.run.config import parse_args
 # The trainer command of each main-job run before the demo became a spec (it had its own runner); a change of
 # SCALE_BASE["cpu"] or MAIN_JOB that would silently change what `make demo` computes fails here.
 TODAYS_DEMO_COMMAND = [
-    "--dataset", "fashion-mnist", "--subset", "5000", "--probe-subset", "2000", "--epochs", "100", "--probe-every", "20",
-    "--label-noise", "1", "--label-seed", "0", "--seed", "0", "--model", "small_cnn", "--width", "0.5",
+    "--dataset", "fashion-mnist", "--subset", "2000", "--probe-subset", "0", "--epochs", "500", "--probe-every", "50",
+    "--label-noise", "1", "--label-seed", "0", "--seed", "0", "--model", "conv4", "--width", "0.5",
     "--bottleneck-dim", "4096", "--batch-size", "256", "--loss", "mse", "--optimizer", "adam", "--lr", "3e-4",
-    "--device", "cpu", "--precision", "fp32", "--threads", "1", "--progress", "false", "--checkpoint-every", "10",
+    "--device", "cpu", "--precision", "auto", "--threads", "1", "--progress", "false", "--checkpoint-every", "50",
 ]
 # The identity (fastmem/experiments/sweep.py RUN_FORMAT + the resolved config) of today's runs: a change here means a
 # finished `make demo` run is no longer reused, so it must come with a RUN_FORMAT bump or a recipe change, on purpose.
-RUN_DIRS = {"full": "augmentfull-label_noise1.0-2649e2083e", "none": "augmentnone-label_noise1.0-1ad88fb5fe"}
+RUN_DIRS = {"full": "augmentfull-label_noise1.0-d61193e240", "none": "augmentnone-label_noise1.0-f11ab5ebbb"}
 
 
 def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path) -> None:

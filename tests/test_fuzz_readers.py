@@ -42,10 +42,11 @@ from fastmem.run.checkpoint import (
 )
 from fastmem.run.config import TrainConfig, load_run_config
 from fastmem.run.metrics import MetricsLogger, read_metrics
+from fastmem.run.predictions import read_predictions, write_predictions
 
 # Examples per reader in CI (derandomized: the same examples every run), chosen to keep the file under 45 s.
 CI_EXAMPLES = {"idx": 200, "cifar": 200, "image": 120, "annotations": 100, "labels": 200, "config": 200,
-               "metrics": 150, "checkpoint": 150, "beton": 100}
+               "metrics": 150, "checkpoint": 150, "beton": 100, "predictions": 150}
 DEADLINE = timedelta(seconds=5)  # per example; a damaged file that makes a reader spin fails here
 pytestmark = pytest.mark.timeout(300)
 
@@ -207,6 +208,21 @@ def test_labels_npz(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         assert result is None or (result.targets.shape == result.true_labels.shape and result.num_classes >= 1)
 
     fuzz(request, "labels", damaged((tmp_path / "valid.npz").read_bytes()), check)
+
+
+def test_probe_predictions_npz(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from collections import OrderedDict
+
+    valid = write_predictions(tmp_path / "valid", 0, OrderedDict(h=np.arange(30) % 10, z=np.arange(30) % 7),
+                              np.arange(30) % 10)
+    target = tmp_path / "epoch_000000.npz"
+
+    def check(blob: bytes) -> None:
+        target.write_bytes(blob)
+        result = expect_one_line_naming(lambda: read_predictions(target), target)
+        assert result is None or all(p.shape == result[1].shape for p in result[0].values())
+
+    fuzz(request, "predictions", damaged(valid.read_bytes()), check)
 
 
 def test_config_json(tmp_path: Path, request: pytest.FixtureRequest) -> None:

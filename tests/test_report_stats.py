@@ -13,7 +13,7 @@ from conftest import run_module
 
 from fastmem.report.cells import cell, delta_entry, seed_entry
 from fastmem.report.intervals import paired_deltas
-from fastmem.report.render import write_report
+from fastmem.report.render import main, write_report
 from fastmem.run.metrics import RunRecords
 from fastmem.run.predictions import PREDICTIONS_DIR
 from fastmem.run.stats import Interval, wilson_interval
@@ -91,12 +91,12 @@ def test_seeds_give_mean_and_sd_over_the_runs_by_hand(seeded_sweep: Path) -> Non
         assert f"]({png})" in report
 
 
-def test_one_seed_gives_wilson_intervals_and_paired_lifts(seeded_sweep: Path, tmp_path: Path) -> None:
+def test_one_seed_gives_wilson_intervals_and_paired_lifts(seeded_sweep: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     sweep_dir = _sub_sweep(seeded_sweep, tmp_path / "one", seed=1)
-    result = run_module("fastmem.report", str(sweep_dir))
-    assert result.returncode == 0, result.stderr
+    assert main([str(sweep_dir)]) == 0
     report = (sweep_dir / "report" / "report.md").read_text()
-    assert "## Lift over the untrained network (points)" in result.stdout  # the CLI prints both tables
+    assert "## Lift over the untrained network (points)" in capsys.readouterr().out  # the CLI prints both tables
     results = _rows(report, "## Results (accuracy in %)")
     lifts = _rows(report, "## Lift over the untrained network (points)")
     assert results["header"][0] == "epochs" and " sd" not in report.split("## Lift")[0]

@@ -90,3 +90,10 @@ def test_demo_seeds_report_the_mean_and_sd_of_its_seeds(tmp_path: Path) -> None:
         assert entry["seed_std"] == pytest.approx(statistics.stdev(finals))
         assert [p["value"] for p in entry["per_seed"]] == pytest.approx(finals)
     assert " sd |" in result.stdout
+
+
+def test_show_at_the_paper_scale_says_its_epochs_are_a_tenth_of_the_papers() -> None:
+    result = run_module("fastmem.experiments", "show", "A", "--scale", "paper", "--dataset", "synthetic", "--set", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "a tenth of the paper's 10,000" in result.stdout and "--set epochs=10000" in result.stdout
+    assert "--precision fp32" in result.stdout and "--probe-project-dim" not in result.stdout  # 0: exact

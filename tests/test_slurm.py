@@ -3,7 +3,8 @@
 A smoke sweep of experiment K (2 runs, 3 epochs) through `--executor slurm`, one of its runs preempted
 mid-training with `scancel --signal=USR1`, ends with the inline runner's metrics and report; a failing
 run shows as failed with its log while the other finishes, and only it is resubmitted; no Slurm is one
-line; the local executor trains the same sweep; a 2-task gloo run under srun equals the torchrun run.
+line, and so is a controller that does not answer; the local executor trains the same sweep; a 2-task
+gloo run under srun equals the torchrun run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_same_weights, run_module
-from slurm_cluster import SlurmCluster
+from slurm_cluster import PACKAGES, SlurmCluster, missing_programs
 
 from fastmem.experiments import EXPERIMENTS, plan_experiment
 from fastmem.experiments.cluster.ledger import LEDGER_NAME, read_ledger, slurm_folder
@@ -131,6 +132,22 @@ def test_no_reachable_slurm_is_one_line_and_submits_nothing(tmp_path: Path) -> N
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no Slurm here: sbatch, srun, squeue, scontrol not found on PATH" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_controller_is_one_line_and_submits_nothing(tmp_path: Path) -> None:
+    """Slurm's commands are there, its controller is not: a configuration whose daemons were never started."""
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): apt-get install {PACKAGES}")
+    down = SlurmCluster(tmp_path / "down")
+    down.write_files()
+    down.conf.write_text(down.conf.read_text().replace("MessageTimeout=10", "MessageTimeout=1"))
+    result = subprocess.run([sys.executable, "-m", "fastmem.experiments", "run", *SWEEP, "--out", str(tmp_path / "out"),
+                             "--executor", "slurm"], cwd=REPO, env={**down.env(), "FASTMEM_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the Slurm controller is not reachable (squeue: " in result.stderr, result.stderr
+    assert "nothing was submitted" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_the_local_executor_trains_the_same_sweep(inline: Path, tmp_path: Path) -> None:

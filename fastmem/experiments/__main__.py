@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastmem.errors import fail, run_cli
 from fastmem.experiments.cluster.options import ClusterOptions, add_cluster_arguments, options_from_args
-from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALES, Experiment
+from fastmem.experiments.specs import EXPERIMENTS, MAIN_JOB, SCALE_BASE, SCALE_NOTES, SCALES, Experiment
 from fastmem.experiments.sweep import (
     SEED_KNOBS,
     PlannedRun,
@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every run of every experiment, before any starts (Slurm's runs: their device is checked where they run)
     validate_plan(runs, devices_here=options.executor != "slurm")
     if args.command == "show":
+        if args.scale in SCALE_NOTES:
+            print(SCALE_NOTES[args.scale])
         for experiment in experiments:
             print(f"experiment {experiment.id}: {experiment.title}")
             for run in plans[experiment.id]:

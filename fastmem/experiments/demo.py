@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--probe-subset", type=int, default=DEFAULTS["probe_subset"], help="test images used as k-NN queries")
     add("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs per run")
     add("--probe-every", type=int, default=DEFAULTS["probe_every"], help="k-NN probe every E epochs")
-    add("--width", type=float, default=DEFAULTS["width"], help="width multiplier of the small CNN")
+    add("--width", type=float, default=DEFAULTS["width"], help="width multiplier of the encoder")
     add("--bottleneck-dim", type=int, default=DEFAULTS["bottleneck_dim"], help="projector width B")
     add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed of labels, initialisation and augmentation")

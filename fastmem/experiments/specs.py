@@ -31,11 +31,14 @@ SCALE_BASE: dict[str, dict[str, Any]] = {
         "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cpu", "precision": "fp32", "threads": 1,
         "progress": False,
     },
-    # The recipe PROTOCOL.md reports as showing A on two cores: MSE, wide bias-free head, Adam 3e-4.
+    # The recipe PROTOCOL.md reports as showing A on two cores (MSE, wide bias-free head, Adam 3e-4, batch 256) on
+    # conv4, the plain strided CNN, with the subset, width and epochs measured to give the largest benign lift per
+    # CPU minute (results/main-job/README.md); every test image is a query. `auto` precision: bf16 on CPUs that
+    # run it natively and measurably faster, else fp32 (fastmem/runtime.py).
     "cpu": {
-        "dataset": "fashion-mnist", "subset": 5000, "probe_subset": 2000, "model": "small_cnn", "width": 0.5,
-        "bottleneck_dim": 4096, "batch_size": 256, "epochs": 100, "probe_every": 10, "checkpoint_every": 10,
-        "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cpu", "precision": "fp32", "threads": 1,
+        "dataset": "fashion-mnist", "subset": 2000, "probe_subset": 0, "model": "conv4", "width": 0.5,
+        "bottleneck_dim": 4096, "batch_size": 256, "epochs": 500, "probe_every": 50, "checkpoint_every": 50,
+        "loss": "mse", "optimizer": "adam", "lr": 3e-4, "device": "cpu", "precision": "auto", "threads": 1,
         "progress": False,
     },
     # The authors' setup: fp32 and an exact probe of every layer (head_hidden too) by default, as the paper;
@@ -132,7 +135,7 @@ def _f(scale: str) -> list[Variant]:
     aug = {**RANDOM, "augment": "full"}
     axes = [  # (panel, knob, values, label); each panel also shows the base run (the same run directory)
         ("projector width B", "bottleneck_dim", _pick(scale, [0, 1024], [0, 512, 16384], [0, 512, 4096, 16384]), "B={}"),
-        ("training images N", "subset", _pick(scale, [128], [1000, 20000], [1000, 5000, 20000]), "N={}"),
+        ("training images N", "subset", _pick(scale, [128], [500, 8000], [1000, 5000, 20000]), "N={}"),
         ("encoder width", "width", _pick(scale, [0.5], [0.25, 1.0], [0.25, 0.5]), "width×{:g}"),
     ]
     # One k-NN reference and one query set for every variant: the first R training images of the data seed's
@@ -189,58 +192,41 @@ def _main(scale: str) -> list[Variant]:
             Variant("no augmentation", {**RANDOM, "augment": "none"})]
 
 
-# The main job (`make demo`): A's two random-label runs, probed every 20 epochs, seed tying labels and init.
+# The main job (`make demo`): A's two random-label runs at the scale's probe cadence, seed tying labels and init.
 MAIN_JOB = Experiment(
-    "MAIN", "main job: benign vs malign memorization", "augment ∈ {full, none}, label_noise 1, probes every 20 epochs",
-    "without augmentation the late layers' k-NN collapses; with it they stay near the untrained net", _main,
-    knobs={"probe_every": 20, "seed": 0, "label_seed": 0}, clean_reference=False,
+    "MAIN", "main job: benign vs malign memorization", "augment ∈ {full, none}, label_noise 1",
+    "with augmentation the k-NN of h and the middle stages rises above the untrained network; without it the labels "
+    "are fit and the late layers' k-NN collapses", _main,
+    knobs={"seed": 0, "label_seed": 0}, clean_reference=False,
     notes={"cpu": "The runs of `make demo` (python -m fastmem.demo); its defaults are this scale's."},
 )
 
 EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
     Experiment("A", "random labels ± augmentation", "augment ∈ {full, none}, label_noise 1",
-               "with augmentation k-NN stays far above the untrained probe; without it the late layers collapse", _a,
-               notes={"cpu": "Fashion-MNIST's pixels and a random CNN are already strong (untrained h 77.5 %): with augmentation "
-                      "every layer stays within about a point of the untrained net and only z ends above it, not far above; "
-                      "the malign collapse without augmentation shows fully (z 10.2 %)."}),
+               "with augmentation k-NN stays far above the untrained probe; without it the late layers collapse", _a),
     Experiment("B", "layer-wise probe", "augment ∈ {none, standard, full}; every probe point",
-               "only the last layers lose k-NN accuracy", _b,
-               notes={"cpu": "The loss concentrates at z (and, without augmentation, 6–7 points at stage4/h/head_hidden); "
-                      "standard augmentation lies between none and full."}),
+               "only the last layers lose k-NN accuracy", _b),
     Experiment("C", "number of fixed views n", "augment fullfixed:n:same, n ∈ scale's list, plus full (n=∞)",
                "larger n: better k-NN, harder to fit the random labels", _c, x_label="views per image n",
-               plots=("tradeoff",), notes={"cpu": "Shows the trade-off within 100 epochs: n=1 fits 97.7 % with z 19.4 %, "
-                                                   "n=20 fits 14.9 % with z 57.3 %, n=∞ 10.8 % with z 67.3 %."}),
+               plots=("tradeoff",)),
     Experiment("D", "augmentation strength", "augment strength:a (RandAugment) and the named sets",
                "the same trade-off as C: stronger augmentation, better features, harder fit", _d,
-               x_label="RandAugment strength a", plots=("tradeoff",),
-               notes={"cpu": "RandAugment on 28 px grayscale; a=0.25 / 0.5 / 1 fit 66.9 / 30.3 / 11.1 % with z 15.7 / 31.0 / 63.7 %."}),
+               x_label="RandAugment strength a", plots=("tradeoff",)),
     Experiment("E", "random label per view", "augment fullfixed:n:random (one label per view)",
-               "fitting fails as N·n grows (capacity)", _e, x_label="views per image n", plots=("fit_vs_views",),
-               notes={"cpu": "Fit falls from 97.9 % at N·n = 5,000 to 11.4 % at 100,000 within 100 epochs."}),
+               "fitting fails as N·n grows (capacity)", _e, x_label="views per image n", plots=("fit_vs_views",)),
     Experiment("F", "capacity", "projector width B, training images N, encoder width",
-               "wide heads memorize; fewer samples are memorized more malignly", _f, plots=("capacity",),
-               notes={"cpu": "With full augmentation no projector width fits the labels in 100 epochs at this scale; fewer "
-                      "images (N=1,000) fit a little more and probe lower. The N = 20,000 run takes about 4× a base run."}),
+               "wide heads memorize; fewer samples are memorized more malignly", _f, plots=("capacity",)),
     Experiment("G", "i.i.d. views", "iid_views m: each load shows one of m other real images of the same true class",
-               "strong features despite random labels", _g, x_label="same-class images per anchor m",
-               notes={"cpu": "m=10 keeps z at 27.8 % (vs 10.2 % for the image itself) with 24.8 % fit; h rises with m but "
-                      "stays below the untrained net's 77.5 % within 100 epochs."}),
+               "strong features despite random labels", _g, x_label="same-class images per anchor m"),
     Experiment("H", "partial label noise", "label_noise p ∈ [0, 1], full aug",
-               "between the clean and the random-label runs", _h, x_label="label noise p", plots=("tradeoff",),
-               notes={"cpu": "Monotone between clean (h 86.3 %) and random (h 76.7 %) labels."}),
+               "between the clean and the random-label runs", _h, x_label="label noise p", plots=("tradeoff",)),
     Experiment("I", "mixup", "mixup p=0.8 (label kept) and cutmix p=0.8, no aug",
-               "to be measured", _i,
-               notes={"cpu": "Mixup and CutMix alone (no augmentation) slow the fit (58.8 / 44.6 % after 100 epochs) but stay "
-                      "malign: z 16.3 / 20.6 %."}),
+               "to be measured", _i),
     Experiment("J", "re-initialize the last layers", "reinit of the last block(s) and/or the head of a trained "
                "random-label network, retrained on new random labels without augmentation",
-               "the earlier layers keep the features", _j, x_label="blocks reset",
-               notes={"cpu": "The whole network retrains (nothing frozen): kept layers end 1–3 points above the "
-                      "from-scratch run at stage2–h, below the source. A reset run's epoch-0 probe is the loaded net's."}),
+               "the earlier layers keep the features", _j, x_label="blocks reset"),
     Experiment("K", "clean-label and untrained baselines", "label_noise 0 with full and no aug; the epoch-0 probe",
-               "the bounds the other experiments are read against", _k,
-               notes={"cpu": "Clean labels reach h ≈ 86–87 % with and without augmentation; the untrained net gives h 77.5 %."}),
+               "the bounds the other experiments are read against", _k),
 ]}
 
 # What `show` and `run` accept by id: the protocol's A–K (`all`) and the main job.
