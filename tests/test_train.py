@@ -164,12 +164,11 @@ def test_every_backend_trains_the_small_cnn_for_an_epoch_on_fashion_mnist(tmp_pa
 
 
 def test_the_probe_temperature_reaches_the_weighted_vote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastmem.train.loop as trainer
-    from fastmem.run.config import parse_args
-
     from collections import OrderedDict
 
+    import fastmem.train.loop as trainer
     from fastmem.probe import ProbeResult
+    from fastmem.run.config import parse_args
 
     calls: list[dict] = []
     answer = ProbeResult(OrderedDict(z=np.array([1, 0])), np.array([1, 1]))

@@ -10,8 +10,8 @@ is trained once. The main job (`make demo`, fastmem/experiments/demo.py) is a sp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
