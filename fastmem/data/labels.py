@@ -14,7 +14,7 @@ import numpy as np
 
 from fastmem.errors import fail
 from fastmem.io_utils import atomic_path
-from fastmem.run.npz import read_npz
+from fastmem.data.npz import read_npz
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ LABEL_ARRAYS: dict[str, str] = {"true_labels": "i", "targets": "i", "corrupted":
 
 def load_labels(path: str | Path) -> RunLabels:
     """Read labels.npz written by `save_labels`; a truncated, garbage or foreign file is one line naming it
-    (parsed by fastmem.run.npz: plain arrays only, sizes checked before anything is allocated)."""
+    (parsed by fastmem.data.npz: plain arrays only, sizes checked before anything is allocated)."""
     path = Path(path)
     arrays = read_npz(path, LABEL_ARRAYS, "labels file")
     true_labels, targets, corrupted = arrays["true_labels"], arrays["targets"], arrays["corrupted"]

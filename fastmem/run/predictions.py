@@ -15,7 +15,7 @@ import numpy as np
 
 from fastmem.errors import fail
 from fastmem.io_utils import atomic_path
-from fastmem.run.npz import read_npz
+from fastmem.data.npz import read_npz
 
 PREDICTIONS_DIR = "probe_predictions"
 _ARRAYS = {"layers": "U", "predictions": "i", "truth": "i"}
