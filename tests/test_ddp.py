@@ -115,7 +115,7 @@ def test_two_gloo_ranks_train_disjoint_shards_with_identical_weights_and_only_ra
     assert reports[0]["seen"]["1"] != reports[0]["seen"]["2"]  # a new order each epoch
     assert not (root / "rank1-out").exists()
     assert sorted(p.name for p in (root / "rank0-out").iterdir()) == [
-        ".lock", "checkpoint.pt", "config.json", "labels.npz", "metrics.jsonl", "summary.json"]  # .lock: rank 0 holds the run
+        ".lock", "checkpoint.pt", "config.json", "labels.npz", "metrics.jsonl", "probe_predictions", "summary.json"]  # .lock: rank 0 holds the run
     assert json.loads((root / "rank0-out" / "summary.json").read_text())["world_size"] == WORLD
 
     single = tmp_path / "single"

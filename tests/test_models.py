@@ -54,7 +54,7 @@ def test_resnet18_is_initialised_like_torchvision() -> None:
     model = create_model("resnet18", num_classes=10, bottleneck_dim=64)
     conv = model.encoder.blocks["stage3"][0].conv2  # 256 → 256, 3x3: fan_out = 256·9
     expected = (2.0 / (256 * 9)) ** 0.5
-    assert abs(float(conv.weight.std()) - expected) < 0.02 * expected  # PyTorch's default would be ≈ 0.58× this
+    assert abs(float(conv.weight.detach().std()) - expected) < 0.02 * expected  # PyTorch's default would be ≈ 0.58× this
     bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in bns)
 

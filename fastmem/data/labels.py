@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmem.data.npz import read_npz
 from fastmem.errors import fail
 from fastmem.io_utils import atomic_path
-from fastmem.data.npz import read_npz
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmem.data.npz import read_npz
 from fastmem.errors import fail
 from fastmem.io_utils import atomic_path
-from fastmem.data.npz import read_npz
 
 PREDICTIONS_DIR = "probe_predictions"
 _ARRAYS = {"layers": "U", "predictions": "i", "truth": "i"}
@@ -31,10 +31,11 @@ def write_predictions(run_dir: str | Path, epoch: int, predictions: OrderedDict[
     path = predictions_path(run_dir, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = np.stack([np.asarray(p) for p in predictions.values()]) if predictions else np.zeros((0, len(truth)))
-    dtype = np.int16 if max(int(table.max(initial=0)), int(np.max(truth, initial=0))) < 2**15 else np.int32
+    largest = max(int(table.max(initial=0)), int(np.max(truth, initial=0)))
+    dtype = np.int8 if largest < 2**7 else np.int16 if largest < 2**15 else np.int32
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, layers=np.array(list(predictions), dtype=str), predictions=table.astype(dtype),
+        with open(tmp, "wb") as handle:  # compressed: a class index per query compresses about 3×
+            np.savez_compressed(handle, layers=np.array(list(predictions), dtype=str), predictions=table.astype(dtype),
                      truth=np.asarray(truth).astype(dtype))
     return path
 

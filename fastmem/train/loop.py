@@ -32,7 +32,7 @@ from fastmem.distributed import (
 )
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import write_json_atomic
-from fastmem.probe import probe_predictions
+from fastmem.probe import ProbeResult, probe_predictions
 from fastmem.run.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng_state,
@@ -63,9 +63,9 @@ def should_probe(cfg: TrainConfig, epoch: int) -> bool:
     return epoch == 0 or epoch == cfg.epochs or (cfg.probe_every > 0 and epoch % cfg.probe_every == 0)
 
 
-def probe_run(run: Run, epoch: int) -> dict[str, Any]:
-    """The in-training k-NN probe of every probe point, as metrics keys (every rank probes rank 0's model);
-    rank 0 keeps the per-query predictions (RUN_DIR/probe_predictions/) for the reports' intervals."""
+def probe_run(run: Run, epoch: int) -> tuple[dict[str, Any], ProbeResult]:
+    """The in-training k-NN probe of every probe point, as metrics keys (every rank probes rank 0's model), and
+    its per-query predictions (kept by `keep_predictions` once the metrics record is written)."""
     cfg, data = run.cfg, run.data
     broadcast_buffers_from_main(run.model)
     result = probe_predictions(
@@ -75,11 +75,15 @@ def probe_run(run: Run, epoch: int) -> dict[str, Any]:
         extract_backend=cfg.extract_backend,
         engine_dir=None,  # weights change every probe: engines are built in memory, cached only by the probe CLI
     )
-    if run.ranks.is_main:
-        write_predictions(run.run_dir, epoch, result.predictions, result.truth)
     accuracy = result.accuracy()
     print(f"  k-NN @ epoch {epoch}: " + "  ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
-    return {**{knn_key(name): value for name, value in accuracy.items()}, "probe_queries": int(result.truth.size)}
+    return {**{knn_key(name): value for name, value in accuracy.items()}, "probe_queries": int(result.truth.size)}, result
+
+
+def keep_predictions(run: Run, epoch: int, result: ProbeResult | None) -> None:
+    """Rank 0 keeps a probe's per-query predictions (RUN_DIR/probe_predictions/) for the reports' intervals."""
+    if result is not None and run.ranks.is_main:
+        write_predictions(run.run_dir, epoch, result.predictions, result.truth)
 
 
 def write_checkpoint(run: Run, epoch: int, in_progress: dict[str, Any] | None = None) -> None:
@@ -137,15 +141,20 @@ def run_epochs(run: Run) -> dict[str, Any]:
     """The epoch loop from the run's start epoch: train, probe, log, checkpoint; returns the last epoch's record."""
     cfg = run.cfg
     if run.start_epoch == 0 and run.resume_point is None and should_probe(cfg, 0):
-        run.metrics.log({"epoch": 0, **probe_run(run, 0)})
+        probed, result = probe_run(run, 0)
+        run.metrics.log({"epoch": 0, **probed})
+        keep_predictions(run, 0, result)
     steps = len(run.loader) if not cfg.max_steps_per_epoch else min(len(run.loader), cfg.max_steps_per_epoch)
     record: dict[str, Any] = {}
     for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
         resume_point = run.resume_point if epoch == run.start_epoch + 1 else None
         record = run_epoch(run, epoch, steps, resume_point)
+        result = None
         if should_probe(cfg, epoch):
-            record.update(probe_run(run, epoch))
+            probed, result = probe_run(run, epoch)
+            record.update(probed)
         run.metrics.log(record)
+        keep_predictions(run, epoch, result)
         written = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
         if written:
             write_checkpoint(run, epoch)
