@@ -27,7 +27,7 @@ from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.report.demo_plots import plot_benign_vs_malign
 from fastmem.report.main_job import MainJobFigures, claims_text, summary_payload, summary_table
 from fastmem.run.metrics import RunRecords
-from fastmem.runtime import describe_machine
+from fastmem.runtime import cpu_name, describe_machine
 
 SCALE = "cpu"
 # What the main job trains unless a flag says otherwise: the scale's base knobs under the spec's own.
@@ -35,6 +35,12 @@ DEFAULTS: dict[str, Any] = {**SCALE_BASE[SCALE], **MAIN_JOB.knobs}
 # The flags that set a trainer knob of every run (--seed sets both the label and the training seed).
 KNOB_FLAGS = ("dataset", "data_dir", "subset", "probe_subset", "epochs", "probe_every", "width", "bottleneck_dim",
               "batch_size", "seed")
+
+
+def _resolved_precision(run_dir: Path) -> dict[str, str]:
+    """What `--precision auto` chose for the run, and why (config.json's `resolved`)."""
+    resolved = json.loads((run_dir / "config.json").read_text()).get("resolved", {})
+    return {k: resolved[k] for k in ("precision", "precision_reason") if k in resolved}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = f"seeds {', '.join(map(str, payload['seeds']))}: mean ± the seeds' standard deviation" \
         if len(payload["seeds"]) > 1 else "± half the 95 % Wilson interval over the queries"
     summary = (f"# Benign vs malign memorization ({args.dataset}, {args.subset} images, random labels)\n\n"
-               f"{config.model} (width {config.width:g}, B = {config.bottleneck_dim}), {payload['epochs']} epochs. "
+               f"{config.model} (width {config.width:g}, B = {config.bottleneck_dim}), {payload['epochs']} epochs, "
+               f"{_resolved_precision(runs[0].run_dir).get('precision', config.precision)} on {cpu_name()}. "
                f"k-NN (k={config.probe_k}, cosine, {config.probe_vote} vote) accuracy in % on "
                f"{payload['queries']} test images, reference = the training images with their true labels; "
                f"{seeds}; the lift over each seed's untrained network is paired over the same queries "
@@ -133,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {run.variant.label + (f" (seed {run.seed})" if args.seeds > 1 else ""): str(run.run_dir)
                  for run in runs},
         **payload, "wall_seconds": round(wall, 1), "machine": describe_machine(),
+        "precision": _resolved_precision(runs[0].run_dir),
     }, sort_keys=False)
     print("\n" + table + "\n\n" + claims + f"\n\nplot: {plot}\nsummary: {out / 'summary.md'}  "
           f"(this invocation took {wall / 60:.1f} min)")
