@@ -97,3 +97,11 @@ def test_show_at_the_paper_scale_says_its_epochs_are_a_tenth_of_the_papers() -> 
     assert result.returncode == 0, result.stderr
     assert "a tenth of the paper's 10,000" in result.stdout and "--set epochs=10000" in result.stdout
     assert "--precision fp32" in result.stdout and "--probe-project-dim" not in result.stdout  # 0: exact
+
+
+@pytest.mark.parametrize("flag", ["--data-seed", "--label-seed"])
+def test_a_negative_data_or_label_seed_is_one_line(tmp_path: Path, flag: str) -> None:
+    result = run_module("fastmem.train", "--dataset", "synthetic", "--subset", "64", "--epochs", "1", flag, "-1",
+                        "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and f"{flag} must be >= 0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -95,6 +95,9 @@ def validate(cfg: TrainConfig) -> AugmentSpec:
              "it, and without one every image is an anchor")
     if cfg.probe_reference < 0:
         fail(f"--probe-reference must be >= 0, got {cfg.probe_reference}")
+    for flag, seed in (("--data-seed", cfg.data_seed), ("--label-seed", cfg.label_seed)):
+        if seed < 0:
+            fail(f"{flag} must be >= 0 (a seed of numpy's generators), got {seed}")
     check_pipeline(cfg.pipeline, spec, view_pool=cfg.iid_views > 0)  # augment ops and --iid-views, before any data
     check_mixing_knobs(cfg.mixup, cfg.cutmix)
     check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
