@@ -134,6 +134,12 @@ def test_probe_cli_prints_a_table_and_writes_json_and_csv(tmp_path: Path) -> Non
     assert "probe point" in result.stdout and "\nz " in result.stdout
     payload = json.loads((out / "probe-epoch1-k20-majority.json").read_text())
     assert list(payload["accuracy"]) == ["stage2", "h", "z"] and payload["queries"] == 200
+    from fastmem.run.stats import wilson_interval
+
+    for layer, value in payload["accuracy"].items():  # each accuracy with its Wilson interval over the 200 queries
+        expected = wilson_interval(round(value * 200), 200)
+        assert payload["interval_95"][layer] == pytest.approx([expected.low, expected.high])
+        assert f"[{100 * expected.low:.2f}, {100 * expected.high:.2f}]" in result.stdout
     assert (out / "probe-epoch1-k20-majority.csv").read_text().startswith("layer,knn_accuracy")
     again = run_module("fastmem.probe", str(out), "--device", "cpu", "--layers", "stage2,h,z")
     assert json.loads((out / "probe-epoch1-k20-majority.json").read_text())["accuracy"] == payload["accuracy"]

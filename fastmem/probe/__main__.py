@@ -22,6 +22,7 @@ from fastmem.models import create_model
 from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fastmem.run.config import TrainConfig, load_run_config
 from fastmem.run.lock import hold_run_lock, remove_stale_temps
+from fastmem.run.stats import wilson_interval
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
 
 from . import TRT_ENGINE_DIR, EmbeddingCache, EmbeddingCacheWarning, probe_knn
@@ -130,19 +131,22 @@ def _probe(args: argparse.Namespace, run_dir: Path, cfg: TrainConfig, cache_dir:
     seconds = time.perf_counter() - started
     print(f"k-NN probe of {run_dir} at epoch {epoch}: k={args.k}, {args.vote} vote, {len(train)} references "
           f"(true labels), {len(test)} test queries, {seconds:.1f} s")
-    print(f"{'probe point':<14} {'k-NN accuracy':>14}")
+    intervals = {layer: wilson_interval(int(round(value * len(test))), len(test)) for layer, value in accuracy.items()}
+    print(f"{'probe point':<14} {'k-NN accuracy':>14}  95 % interval (Wilson, over the queries)")
     for layer, value in accuracy.items():
-        print(f"{layer:<14} {100 * value:>13.2f}%")
+        low, high = intervals[layer].low, intervals[layer].high
+        print(f"{layer:<14} {100 * value:>13.2f}%  [{100 * low:.2f}, {100 * high:.2f}]")
     if not rank_info().is_main:
         return 0
     stem = run_dir / f"probe-epoch{epoch}-k{args.k}-{args.vote}"
     result = {"run_dir": str(run_dir), "epoch": epoch, "k": args.k, "vote": args.vote, "references": len(train),
-              "queries": len(test), "accuracy": accuracy, "seconds": seconds}
+              "queries": len(test), "accuracy": accuracy,
+              "interval_95": {layer: [i.low, i.high] for layer, i in intervals.items()}, "seconds": seconds}
     write_json_atomic(stem.with_suffix(".json"), result, sort_keys=False)  # layers in probe order
     with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["layer", "knn_accuracy"])
-        writer.writerows(accuracy.items())
+        writer.writerow(["layer", "knn_accuracy", "low_95", "high_95"])
+        writer.writerows((layer, value, intervals[layer].low, intervals[layer].high) for layer, value in accuracy.items())
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.csv')}")
     return 0
 
