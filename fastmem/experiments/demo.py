@@ -124,11 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"per layer, 95 % intervals", payload=payload)
     wall = time.perf_counter() - started
     config = runs[0].config
+    precision = _resolved_precision(runs[0].run_dir)
     seeds = f"seeds {', '.join(map(str, payload['seeds']))}: mean ± the seeds' standard deviation" \
         if len(payload["seeds"]) > 1 else "± half the 95 % Wilson interval over the queries"
     summary = (f"# Benign vs malign memorization ({args.dataset}, {args.subset} images, random labels)\n\n"
                f"{config.model} (width {config.width:g}, B = {config.bottleneck_dim}), {payload['epochs']} epochs, "
-               f"{_resolved_precision(runs[0].run_dir).get('precision', config.precision)} on {cpu_name()}. "
+               f"{precision.get('precision', config.precision)} on {cpu_name()}. "
                f"k-NN (k={config.probe_k}, cosine, {config.probe_vote} vote) accuracy in % on "
                f"{payload['queries']} test images, reference = the training images with their true labels; "
                f"{seeds}; the lift over each seed's untrained network is paired over the same queries "
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {run.variant.label + (f" (seed {run.seed})" if args.seeds > 1 else ""): str(run.run_dir)
                  for run in runs},
         **payload, "wall_seconds": round(wall, 1), "machine": describe_machine(),
-        "precision": _resolved_precision(runs[0].run_dir),
+        "precision": precision,
     }, sort_keys=False)
     print("\n" + table + "\n\n" + claims + f"\n\nplot: {plot}\nsummary: {out / 'summary.md'}  "
           f"(this invocation took {wall / 60:.1f} min)")
