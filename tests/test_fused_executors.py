@@ -110,7 +110,8 @@ import torch
 from fastmem.pipelines.executors import fused_cuda, reference
 from test_fused_executors import _assert_matches_reference, _images, _params
 assert fused_cuda.INTERPRET
-for kind, channels, size in [("standard", 1, (9, 14)), ("full", 3, (32, 32)), ("full", 1, (36, 36))]:
+cases = [("standard", 1, (9, 14)), ("full", 3, (32, 32)), ("full", 1, (36, 36)), ("full", 3, (40, 40)), ("full", 3, (64, 48))]
+for kind, channels, size in cases:  # the last three take the kernel's tile loop (> 1,024 pixels)
     images, params = _images(6, size, channels), _params(kind, 6, size, channels)
     _assert_matches_reference(fused_cuda.apply_views(images, params), reference.apply_views(images, params), params)
 print("ok")
@@ -127,16 +128,17 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter() -> None:
 
 # ---- Triton on CUDA ----
 @pytest.mark.skipif(not fused_cuda.AVAILABLE or fused_cuda.INTERPRET, reason="needs Triton, not its interpreter")
-def test_fused_cuda_declines_images_larger_than_one_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_cuda_takes_images_of_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # judge the sizes as if a GPU were there
-    assert fused_cuda.supports(_params("full", 4, (32, 32), 3), None)
-    assert not fused_cuda.supports(_params("full", 4, (40, 40), 3), None)
+    for size in [(32, 32), (40, 40), (64, 64), (224, 224)]:
+        assert fused_cuda.supports(_params("full", 4, size, 3), None)
+    assert not fused_cuda.supports(_params("strength:0.5", 4, (32, 32), 3), None)
 
 
 @on_cuda
 @pytest.mark.parametrize("kind", ["none", "standard", "full"])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("size", [(28, 28), (32, 32), (9, 14)])
+@pytest.mark.parametrize("size", [(28, 28), (32, 32), (9, 14), (40, 40), (64, 64), (96, 80)])
 def test_fused_cuda_matches_the_reference_executor(kind: str, channels: int, size: tuple[int, int]) -> None:
     images = _images(256, size, channels).cuda()
     params = _params(kind, 256, size, channels, device="cuda")
