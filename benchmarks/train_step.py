@@ -170,6 +170,7 @@ def main() -> None:
                         f"({', '.join(COMPILE_MODES)}; default: default,reduce-overhead,max-autotune on GPU, "
                         "default on CPU with --compile)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--out", default="", help="results file (default: results/train_step-<machine>.json)")
     parser.add_argument("--repeats", type=int, default=0, help="measure every configuration this often, interleaved, "
                         "and keep the best (0 = 1 on GPU, 2 on CPU: a shared CPU's load shifts between configurations)")
     parser.add_argument("--pipelines", default=",".join(p for _, p, _ in PIPELINES),
@@ -220,8 +221,8 @@ def main() -> None:
     print(f"loader wait: full augmentation, 32 px synthetic images, batch {batch}, {loader_steps} timed steps, "
           f"channels_last, {'bf16' if gpu else 'fp32'}; load average {load_before[0]:.1f} → {load_after[0]:.1f}, "
           f"torch threads {torch.get_num_threads()}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"train_step-{results_tag(machine)}.json"
+    out = Path(args.out) if args.out else RESULTS / f"train_step-{results_tag(machine)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "train_step", "machine": machine, "batch_size": batch, "steps": steps, "repeats": repeats,
                "rows": rows, "skipped_rows": skipped, "compile_modes": modes,
                "loader_wait": {"rows": loader_rows, "skipped": loader_skipped, "steps": loader_steps, "augment": "full",
