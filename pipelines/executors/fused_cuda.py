@@ -66,18 +66,41 @@ def apply_views(
     missing = [op for op in params.ops if op not in OPS]
     if missing:
         raise ValueError(f"the fused CUDA executor does not implement {', '.join(missing)} ({params.kind} views)")
+    src, rows, out = launch_buffers(images_uint8, tuple(params.image_size), params.channels, len(params), out,
+                                    channels_last, rows, dtype)
+    views, (height, width, channels), device = out.shape[0], src.shape[1:], src.device
+    if views == 0:
+        return out
+    _views_kernel[(views,)](
+        src, rows, params.crop.to(device=device, dtype=torch.int64).contiguous(),
+        _as_u8(params.flip.to(device)), _as_u8(params.jitter.to(device)),
+        params.factors.to(device=device, dtype=torch.float32).contiguous(),
+        params.order.to(device=device, dtype=torch.int64).contiguous(),
+        _as_u8(params.grayscale.to(device)), out,
+        height, width, *src.stride(), *out.stride(),
+        C=channels, REFLECT="pad_crop" in params.ops, PHOTOMETRIC="color_jitter" in params.ops,
+        **tile_constants(height, width),
+        enable_fp_fusion=False,  # no FMA contraction: the geometry rounds as the reference executor's ops do
+    )
+    return out
+
+
+def launch_buffers(
+    images_uint8: torch.Tensor, image_size: tuple[int, int], channels: int, views: int, out: torch.Tensor | None,
+    channels_last: bool, rows: torch.Tensor | None, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked launch inputs of `views` views: (the images as NHWC, int64 rows, the output tensor)."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"expected a uint8 batch of 4 dims, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     if not (images_uint8.is_cuda or INTERPRET):
         raise ValueError("the fused CUDA executor runs on CUDA tensors")
-    channels = params.channels
     src = images_uint8
     if src.shape[-1] != channels and src.shape[1] == channels:  # NCHW given: a strided NHWC view, no copy
         src = src.permute(0, 2, 3, 1)
     n_src, height, width, c = src.shape
-    if c != channels or (height, width) != tuple(params.image_size):
-        raise ValueError(f"images {tuple(src.shape)} do not match params for {params.image_size} x {channels}")
-    views, device = len(params), src.device
+    if c != channels or (height, width) != tuple(image_size):
+        raise ValueError(f"images {tuple(src.shape)} do not match params for {tuple(image_size)} x {channels}")
+    device = src.device
     if rows is None:
         if n_src != views:
             raise ValueError(f"{n_src} images for {views} views (pass rows= to read a resident dataset)")
@@ -88,24 +111,15 @@ def apply_views(
         out = torch.empty((views, channels, height, width), dtype=dtype, device=device, memory_format=fmt)
     if tuple(out.shape) != (views, channels, height, width) or out.dtype not in _OUT_DTYPES or out.device != device:
         raise ValueError(f"out must be a {(views, channels, height, width)} float32/bf16/fp16 tensor on {device}")
-    if views == 0:
-        return out
+    return src, rows, out
+
+
+def tile_constants(height: int, width: int) -> dict[str, object]:
+    """The launch's tiling: BLOCK pixels per tile, TILES tiles per view, the warps, the luma weights."""
     pixels = height * width
     block = min(triton.next_power_of_2(pixels), MAX_BLOCK)
-    _views_kernel[(views,)](
-        src, rows, params.crop.to(device=device, dtype=torch.int64).contiguous(),
-        _as_u8(params.flip.to(device)), _as_u8(params.jitter.to(device)),
-        params.factors.to(device=device, dtype=torch.float32).contiguous(),
-        params.order.to(device=device, dtype=torch.int64).contiguous(),
-        _as_u8(params.grayscale.to(device)), out,
-        height, width, *src.stride(), *out.stride(),
-        C=channels, REFLECT="pad_crop" in params.ops, PHOTOMETRIC="color_jitter" in params.ops,
-        BLOCK=block, TILES=triton.cdiv(pixels, block),
-        GR=GRAY_WEIGHTS[0], GG=GRAY_WEIGHTS[1], GB=GRAY_WEIGHTS[2],
-        num_warps=4 if block >= 512 else 2,
-        enable_fp_fusion=False,  # no FMA contraction: the geometry rounds as the reference executor's ops do
-    )
-    return out
+    return {"BLOCK": block, "TILES": triton.cdiv(pixels, block), "GR": GRAY_WEIGHTS[0], "GG": GRAY_WEIGHTS[1],
+            "GB": GRAY_WEIGHTS[2], "num_warps": 4 if block >= 512 else 2}
 
 
 def _as_u8(flags: torch.Tensor) -> torch.Tensor:
