@@ -75,7 +75,9 @@ def execute_views(
     return Batch(images, step.targets_of(indices, view_ids), indices, view_ids)
 
 
-def view_output(step: ViewStep, indices: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+def view_output(
+    step: ViewStep, indices: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format,
+) -> torch.Tensor:
     """The uninitialized (B, C, H, W) output of the views of `indices`, on their device."""
     return torch.empty((len(indices), step.channels, *step.image_size), dtype=dtype, device=indices.device,
                        memory_format=memory_format)

@@ -69,7 +69,7 @@ class DeviceLoader(EpochLoader):
         return self.views(self.pool_images, indices, rows=shown_pool_rows(self.pool_rows, self.options.seed, self.epoch, indices))
 
     def views(self, pixels: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None = None) -> Batch:
-        """The current epoch's views of `indices` from `pixels` (or `pixels[rows]`); in-kernel parameters when enabled."""
+        """The current epoch's views of `indices` from `pixels` (or `pixels[rows]`), drawn in-kernel if enabled."""
         if not self.samples_in_kernel:
             return super().views(pixels, indices, rows)
         o, step = self.options, self.step

@@ -36,11 +36,22 @@ from fastmem.pipelines.params import (
     ViewParams,
     resized_crop_fallback,
 )
-from fastmem.pipelines.rng import S_FACTORS, S_FLIP, S_GRAY, S_JITTER, S_LEFT, S_ORDER, S_RATIO, S_SCALE, S_TOP, stream_keys
+from fastmem.pipelines.rng import (
+    S_FACTORS,
+    S_FLIP,
+    S_GRAY,
+    S_JITTER,
+    S_LEFT,
+    S_ORDER,
+    S_RATIO,
+    S_SCALE,
+    S_TOP,
+    stream_keys,
+)
 
 AVAILABLE, INTERPRET = fused_cuda.AVAILABLE, fused_cuda.INTERPRET
 KINDS: dict[str, int] = {"none": 0, "standard": 1, "full": 2}  # the kinds sampled in-kernel (RandAugment is not fused)
-PARAM_BLOCK = 128  # views per program of the parameter-only kernel
+PARAM_BLOCK = 4096 if INTERPRET else 128  # views per program of the parameter-only kernel (the interpreter pays per op)
 _NUM_STREAMS = S_GRAY + 1  # streams 0..29: every draw of a full view
 
 
@@ -155,7 +166,8 @@ if AVAILABLE:
     from fastmem.pipelines.executors.fused_cuda import execute_view
 
     # Stream ids and table offsets, as constexprs (a jit function reads only constexpr globals).
-    _S_SCALE, _S_RATIO, _S_TOP, _S_LEFT = tl.constexpr(S_SCALE), tl.constexpr(S_RATIO), tl.constexpr(S_TOP), tl.constexpr(S_LEFT)
+    _S_SCALE, _S_RATIO = tl.constexpr(S_SCALE), tl.constexpr(S_RATIO)
+    _S_TOP, _S_LEFT = tl.constexpr(S_TOP), tl.constexpr(S_LEFT)
     _S_FLIP, _S_JITTER, _S_FACTORS = tl.constexpr(S_FLIP), tl.constexpr(S_JITTER), tl.constexpr(S_FACTORS)
     _S_ORDER, _S_GRAY = tl.constexpr(S_ORDER), tl.constexpr(S_GRAY)
     _TAYLOR_TERMS = tl.constexpr(len(EXP_TAYLOR))  # float64 table: EXP_TAYLOR, then the four below
@@ -207,11 +219,12 @@ if AVAILABLE:
     def _resized_crop_box(keys, f64, index, view, height, width, fallback_h, fallback_w):
         """params._resized_crop_boxes for one view: 10 tries, the first that fits, else the centre fallback."""
         area = (height * width).to(tl.float64)
+        scale_lo, scale_span = tl.load(f64 + _SCALE_LO), tl.load(f64 + _SCALE_SPAN)
+        ratio_lo, ratio_span = tl.load(f64 + _RATIO_LO), tl.load(f64 + _RATIO_SPAN)
         for k in tl.static_range(10):  # last try first: the first try that fits is the last one written
             t = 9 - k
-            scale = tl.load(f64 + _SCALE_LO) + tl.load(f64 + _SCALE_SPAN) * _uniform(keys, _S_SCALE + t, index, view).to(tl.float64)
-            log_ratio = tl.load(f64 + _RATIO_LO) + tl.load(f64 + _RATIO_SPAN) * _uniform(keys, _S_RATIO + t, index, view).to(tl.float64)
-            ratio = _exp_small(log_ratio, f64)
+            scale = scale_lo + scale_span * _uniform(keys, _S_SCALE + t, index, view).to(tl.float64)
+            ratio = _exp_small(ratio_lo + ratio_span * _uniform(keys, _S_RATIO + t, index, view).to(tl.float64), f64)
             target = area * scale
             w = _round_half_even(tl.sqrt(target * ratio)).to(tl.int32)  # float64 sqrt and / are IEEE (sqrt.rn, div.rn)
             h = _round_half_even(tl.sqrt(target / ratio)).to(tl.int32)
@@ -224,8 +237,10 @@ if AVAILABLE:
                 found = found | fits
                 crop_h = tl.where(fits, h, crop_h)
                 crop_w = tl.where(fits, w, crop_w)
-        top = tl.where(found, _randint_u(_uniform(keys, _S_TOP, index, view), height - crop_h + 1), (height - crop_h) // 2)
-        left = tl.where(found, _randint_u(_uniform(keys, _S_LEFT, index, view), width - crop_w + 1), (width - crop_w) // 2)
+        top = _randint_u(_uniform(keys, _S_TOP, index, view), height - crop_h + 1)
+        left = _randint_u(_uniform(keys, _S_LEFT, index, view), width - crop_w + 1)
+        top = tl.where(found, top, (height - crop_h) // 2)
+        left = tl.where(found, left, (width - crop_w) // 2)
         return top, left, crop_h, crop_w
 
     @triton.jit
