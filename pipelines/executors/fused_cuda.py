@@ -8,7 +8,9 @@ Contrast needs the mean luma of the image *as it stands before contrast*: views 
 includes it run a first sweep over their tiles up to that op (a block reduction), then the full
 sweep. Semantics are those of the torch reference executor (reference.py), photometric ops within
 2/255 (hue is the closed-form HSV shift); the geometry rounds as the reference's ops do (IEEE division,
-no FMA contraction), so it stays within 1e-5 at any image size. It draws no randomness. `OPS` lists the ops it implements:
+no FMA contraction), so it stays within 1e-5 at any image size. It draws no randomness (its twin
+fused_cuda_sampled.py draws the parameters in the same program and shares `execute_view`, the
+per-view body). `OPS` lists the ops it implements:
 RandAugment is not fused, so `supports()` declines it and executors/select.py falls back to the
 reference executor.
 
