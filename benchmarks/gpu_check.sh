@@ -39,7 +39,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 stage "gpu tests (pytest -m gpu)" 210 bash -c \
-  "'$PY' -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee '$RESULTS/gpu_tests-$tag.log'; exit \${PIPESTATUS[0]}"
+  "'$PY' -m pytest -q -rP -m gpu tests/ -p no:cacheprovider 2>&1 | tee '$RESULTS/gpu_tests-$tag.log'; exit \${PIPESTATUS[0]}"
 stage "k-NN benchmark (CuPy kernels vs torch vs faiss-gpu)" 60 "$PY" benchmarks/knn_gpu.py
 stage "loader benchmark (device pipeline; DALI GPU when installed)" 45 \
   "$PY" benchmarks/loaders.py --device cuda --sizes 32,64 --samples 50000 --seconds 2 --repeats 1 \
