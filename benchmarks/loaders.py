@@ -43,7 +43,7 @@ BACKENDS = (
 )
 
 
-class _V2Views(torch.utils.data.Dataset):
+class V2Views(torch.utils.data.Dataset):
     """uint8 NHWC array → torchvision v2 `full` views, one sample at a time (the reference style)."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
@@ -65,20 +65,26 @@ class _V2Views(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.targets[i]
 
 
-class _V2Loader:
-    """A DataLoader over `_V2Views` with the contract's set_epoch/len, batches moved to `device`."""
+class V2Loader:
+    """A DataLoader over `V2Views` with the contract's set_epoch/len, batches moved to `device`
+    (channels_last, or NCHW as the reference implementation keeps them)."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, batch: int, device: torch.device, workers: int) -> None:
-        self.loader = torch.utils.data.DataLoader(_V2Views(images, targets), batch_size=batch, shuffle=True,
+    def __init__(self, images: np.ndarray, targets: np.ndarray, batch: int, device: torch.device, workers: int,
+                 channels_last: bool = True) -> None:
+        self.loader = torch.utils.data.DataLoader(V2Views(images, targets), batch_size=batch, shuffle=True,
                                                   drop_last=True, num_workers=workers, persistent_workers=workers > 0)
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def set_epoch(self, epoch: int) -> None:
         pass
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
     def __iter__(self):
         for images, targets in self.loader:
-            yield _V2Batch(images.to(self.device).contiguous(memory_format=torch.channels_last), targets.to(self.device))
+            yield _V2Batch(images.to(self.device).contiguous(memory_format=self.memory_format), targets.to(self.device))
 
 
 class _V2Batch:
@@ -91,7 +97,7 @@ def measure(pipeline: str, workers: int, images: np.ndarray, targets: np.ndarray
     """(images/s over whole timed epochs, build seconds); epochs are timed until `seconds` have passed."""
     started = time.perf_counter()
     if pipeline == "torchvision-v2":
-        loader = _V2Loader(images, targets, batch, device, workers)
+        loader = V2Loader(images, targets, batch, device, workers)
     else:
         loader = make_loader(pipeline, images, targets, augment="full", batch_size=batch, device=device, seed=0,
                              workers=workers)

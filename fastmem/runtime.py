@@ -1,6 +1,6 @@
 """How a run executes: which device, which autocast dtype, and the registries of those choices.
 
-The registries here (`PRECISIONS`, `EXTRACT_BACKENDS`) sit low in the import order so that the run's
+The registries here (`PRECISIONS`, `EXTRACT_BACKENDS`, `COMPILE_MODES`) sit low in the import order so that the run's
 config (fastmem/run/config.py) can take its choices from them without importing the probe or trainer.
 """
 
@@ -25,6 +25,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # resolve_precis
 # How the probe embeds images: eager (the model's own forward) or trt (a torch-tensorrt engine of it);
 # fastmem/probe/trt_extract.py holds one forward builder per name.
 EXTRACT_BACKENDS: tuple[str, ...] = ("eager", "trt")
+# torch.compile's modes (`--compile-mode`); reduce-overhead and max-autotune also capture CUDA graphs.
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,7 +5,9 @@ per-view parameters every backend executes (`ViewParams`) and per-view targets, 
 counter RNG (rng.py) keyed by (seed, sample index, view id, stream). It draws randomness; it never
 touches pixels (see executors/). Every value is computed with integer hashing and correctly rounded
 float ops only (+, -, *, /, sqrt, floor, round), so parameters are identical on CPU and CUDA.
-Contract: docs/augmentation_params.md.
+`sample_view_params` is the definition; executors/fused_cuda_sampled.py is its in-kernel twin for
+none/standard/full (the same ops in the same order inside the Triton executor, tested bit for bit
+against it): a change here is a change there. Contract: docs/augmentation_params.md.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ AUGMENT_FORMS = "none, standard, full, strength:A (0 ≤ A ≤ 1), fullfixed:N[:
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+JITTER_LOWS = (1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3])  # each factor's range
+JITTER_HIGHS = (1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3])
+LOG_RATIO = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))  # the crop's log-ratio range
+EXP_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(14, -1, -1))  # _exp_small's Horner coefficients, x^14 first
 P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
 RA_BINS = 100
 # torchvision's RandAugment op space, in its order: (name, signed).
@@ -204,9 +210,8 @@ def sample_view_params(
         crop = _resized_crop_boxes(u, height, width)
         flip = u[S_FLIP] < P_FLIP
         jitter = u[S_JITTER] < P_JITTER
-        lows = (1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3])
-        highs = (1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3])
-        factors = torch.stack([lo + (hi - lo) * u[S_FACTORS + i] for i, (lo, hi) in enumerate(zip(lows, highs))], 1)
+        factors = torch.stack([lo + (hi - lo) * u[S_FACTORS + i]
+                               for i, (lo, hi) in enumerate(zip(JITTER_LOWS, JITTER_HIGHS))], 1)
         order = _constant("orders", dev)[shr(bits[S_ORDER], 1) % len(JITTER_ORDERS)]
         gray = u[S_GRAY] < P_GRAY
     k = spec.num_ops
@@ -250,9 +255,9 @@ def _randint_u(u: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
 
 def _exp_small(x: torch.Tensor) -> torch.Tensor:
     """exp(x) for |x| < 0.3 in float64 by Horner over its Taylor series (basic ops only: device-exact)."""
-    acc = torch.full_like(x, 1.0 / math.factorial(14))
-    for n in range(13, -1, -1):
-        acc = acc * x + 1.0 / math.factorial(n)
+    acc = torch.full_like(x, EXP_TAYLOR[0])
+    for coefficient in EXP_TAYLOR[1:]:
+        acc = acc * x + coefficient
     return acc
 
 
@@ -260,7 +265,7 @@ def _resized_crop_boxes(u: torch.Tensor, height: int, width: int) -> torch.Tenso
     """torchvision RandomResizedCrop boxes: 10 tries of (scale, log-ratio), first fit, else centre fallback."""
     area = float(height * width)
     scale = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[S_SCALE:S_SCALE + 10].double()
-    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    lo, hi = LOG_RATIO
     ratio = _exp_small(lo + (hi - lo) * u[S_RATIO:S_RATIO + 10].double())
     target = area * scale
     w = torch.round(torch.sqrt(target * ratio)).long()  # round half to even, as Python's round()
@@ -270,15 +275,19 @@ def _resized_crop_boxes(u: torch.Tensor, height: int, width: int) -> torch.Tenso
     first = torch.where(fits, tries, 10).amin(0)
     found = first < 10
     pick = first.clamp(max=9).unsqueeze(0)
-    in_ratio = width / height
-    if in_ratio < min(CROP_RATIO):
-        fw, fh = width, int(round(width / min(CROP_RATIO)))
-    elif in_ratio > max(CROP_RATIO):
-        fw, fh = int(round(height * max(CROP_RATIO))), height
-    else:
-        fw, fh = width, height
+    fh, fw = resized_crop_fallback(height, width)
     h = torch.where(found, h.gather(0, pick)[0], fh)
     w = torch.where(found, w.gather(0, pick)[0], fw)
     top = torch.where(found, _randint_u(u[S_TOP], height - h + 1), (height - h) // 2)
     left = torch.where(found, _randint_u(u[S_LEFT], width - w + 1), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crop_fallback(height: int, width: int) -> tuple[int, int]:
+    """torchvision's centre-crop size (h, w) when none of the 10 tries fits: the image clipped to the ratio range."""
+    in_ratio = width / height
+    if in_ratio < min(CROP_RATIO):
+        return int(round(width / min(CROP_RATIO))), width
+    if in_ratio > max(CROP_RATIO):
+        return height, int(round(height * max(CROP_RATIO)))
+    return height, width

@@ -49,6 +49,11 @@ def _mix_int(x: int) -> int:
     return _i64(x ^ (x >> 31))
 
 
+def stream_keys(seed: int, streams: torch.Tensor) -> torch.Tensor:
+    """The per-(seed, stream) base of `counter_bits` (int64): bits = mix(mix(index + base) + view id)."""
+    return _mix(torch.as_tensor(streams, dtype=torch.int64) + _mix_int(_i64(seed)))
+
+
 def counter_bits(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int) -> torch.Tensor:
     """64 hashed bits (int64) per broadcast (indices, view_ids, stream) key; pure function of its inputs."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
@@ -56,7 +61,7 @@ def counter_bits(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int,
     if isinstance(stream, int):
         base: torch.Tensor | int = _mix_int(key + stream)
     else:
-        base = _mix(torch.as_tensor(stream, dtype=torch.int64, device=indices.device) + key)
+        base = stream_keys(seed, torch.as_tensor(stream, dtype=torch.int64, device=indices.device))
     if not isinstance(view_ids, int):
         view_ids = torch.as_tensor(view_ids, dtype=torch.int64, device=indices.device)
     return _mix(_mix(indices + base) + view_ids)

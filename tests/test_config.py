@@ -15,7 +15,7 @@ from fastmem.probe import probe_knn
 from fastmem.probe.__main__ import build_parser as probe_parser
 from fastmem.probe.trt_extract import FORWARD_BUILDERS
 from fastmem.run.config import EXECUTION_KNOBS, RESUMABLE_KNOBS, TrainConfig, build_parser, load_run_config
-from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS
+from fastmem.runtime import COMPILE_MODES, EXTRACT_BACKENDS, PRECISIONS
 
 
 def _choices(parser, dest: str) -> tuple[str, ...]:
@@ -29,6 +29,7 @@ def test_knob_choices_are_the_registries() -> None:
     assert _choices(parser, "probe_vote") == VOTES
     assert _choices(parser, "precision") == PRECISIONS
     assert _choices(parser, "extract_backend") == EXTRACT_BACKENDS
+    assert _choices(parser, "compile_mode") == COMPILE_MODES
     assert _choices(probe_parser(), "vote") == VOTES and _choices(probe_parser(), "extract_backend") == EXTRACT_BACKENDS
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastmem.errors import fail
 from fastmem.kernels.vote import DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
 from fastmem.pipelines import BACKENDS, PIPELINE_NAMES
-from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS
+from fastmem.runtime import COMPILE_MODES, EXTRACT_BACKENDS, PRECISIONS
 
 
 def _knob(default: Any, help: str, *, execution: bool = False, resumable: bool = False, **extra: Any) -> Any:
@@ -77,6 +77,17 @@ class TrainConfig:
                            choices=PRECISIONS)
     channels_last: bool = _knob(True, "channels_last memory format for images and model")
     compile: bool = _knob(False, "torch.compile the model")
+    compile_mode: str = _knob("default", "torch.compile mode under --compile: default, reduce-overhead (Inductor "
+                              "captures CUDA graphs), max-autotune (autotuned kernels + CUDA graphs) or "
+                              "max-autotune-no-cudagraphs", choices=COMPILE_MODES, execution=True)
+    cuda_graph: bool = _knob(False, "CUDA only: capture forward + loss + backward + optimizer step once in a CUDA "
+                             "graph (after a few eager warm-up steps on the first batches) and replay it every step. "
+                             "Works with bf16 or fp32, mixup/cutmix (mixed before the batch is copied in), Adam "
+                             "(made capturable) or SGD, and --compile with --compile-mode default or "
+                             "max-autotune-no-cudagraphs; refused on CPU, with fp16 (its grad scaler syncs and skips "
+                             "steps), under torchrun (DDP) and with the compile modes that capture graphs themselves. "
+                             "Every batch must have the first one's shape (the loaders drop the last partial batch)",
+                             execution=True)
     sync_bn: bool = _knob(False, "under torchrun: SyncBatchNorm (statistics over the global batch; CUDA only) instead "
                           "of each rank normalizing its own batch")
     threads: int = _knob(0, "torch CPU threads (0 = torch's default)", execution=True)

@@ -44,6 +44,7 @@ from fastmem.run.config import RESOLVED_KEY, RESUMABLE_KNOBS, TrainConfig, load_
 from fastmem.run.lock import RunLock, hold_run_lock, remove_stale_temps
 from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger, read_metrics
 from fastmem.runtime import precision_name, precision_reason, resolve_device, resolve_precision, set_cpu_threads
+from fastmem.train.cuda_graph import check_cuda_graph
 from fastmem.train.interrupt import StopSignals
 from fastmem.train.mixing import check_mixing_knobs
 from fastmem.train.reinit import check_init_knobs, init_from_checkpoint
@@ -102,7 +103,9 @@ def validate(cfg: TrainConfig) -> AugmentSpec:
     check_mixing_knobs(cfg.mixup, cfg.cutmix)
     check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
     device = resolve_device(cfg.device)
-    resolve_precision(cfg.precision, device)
+    dtype = resolve_precision(cfg.precision, device)
+    if cfg.cuda_graph:
+        check_cuda_graph(device, dtype, cfg.compile, cfg.compile_mode, rank_info().world)
     return spec
 
 
@@ -156,10 +159,39 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     return RunData(train, test, labels, view_pool, splits.reference)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def adam_flags(device: torch.device, cuda_graph: bool) -> dict[str, bool]:
+    """Adam's execution flags: fused on CUDA (one kernel for every parameter, no host sync), capturable too under
+    --cuda-graph; none on a CPU, whose Adam stays torch's default (foreach) path."""
+    if device.type != "cuda":
+        return {}
+    return {"fused": True, "capturable": True} if cuda_graph else {"fused": True}
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The run's optimizer over `model`'s parameters (Adam fused on CUDA; SGD as torch builds it)."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                **adam_flags(device, cfg.cuda_graph))
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+EXECUTION_FLAGS = ("fused", "capturable", "foreach")
+
+
+def keep_execution_flags(optimizer: torch.optim.Optimizer) -> None:
+    """After a checkpoint's optimizer state is loaded: this run's fused/capturable/foreach flags again (load_state_dict
+    takes the saved run's, e.g. a CPU run's on CUDA), and each Adam `step` where they need it (on the
+    parameter's device when fused or capturable, else on the CPU)."""
+    for group in optimizer.param_groups:
+        group.update({key: optimizer.defaults[key] for key in EXECUTION_FLAGS if key in optimizer.defaults})
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if not isinstance(step, torch.Tensor):
+                continue
+            target = param.device if on_device else torch.device("cpu")
+            if step.device != target:
+                optimizer.state[param]["step"] = step.to(device=target, dtype=torch.float32)
 
 
 @dataclass
@@ -240,16 +272,17 @@ def _build_in(cfg: TrainConfig, run_dir: Path, resuming: bool, augment: AugmentS
         model = model.to(memory_format=torch.channels_last)
     if checkpoint is None and cfg.init_from:  # experiment J: trained weights, named parts freshly initialized
         init_from_checkpoint(model, cfg.init_from, cfg.reinit)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch = 0
     if checkpoint is not None:
         start_epoch = restore_training_state(checkpoint, checkpoint_path, model, optimizer, scaler)
+        keep_execution_flags(optimizer)
     resume_point = None
     if checkpoint is not None and checkpoint.get("in_progress") is not None:
         resume_point = {**checkpoint["in_progress"], "rng": checkpoint["rng"]}
     parallel_model = wrap_data_parallel(model, device, cfg.sync_bn)  # DDP when world > 1; shares `model`'s weights
-    step_model = torch.compile(parallel_model) if cfg.compile else parallel_model
+    step_model = torch.compile(parallel_model, mode=cfg.compile_mode) if cfg.compile else parallel_model
 
     loader = make_loader(
         cfg.pipeline, data.train.images, data.labels.targets, augment=augment, batch_size=batch_per_rank,

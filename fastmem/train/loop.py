@@ -3,7 +3,11 @@
 Owns the run's loop: its epochs, probes, checkpoints and resume, and what it writes to its directory
 (metrics.jsonl, checkpoint.pt, summary.json). `build_run` (build.py) makes a `Run`, `run_epochs`
 loops over its epochs, `run_epoch` over one epoch's batches, and `train_step` is the one optimisation
-step (the benchmarks in benchmarks/train_step.py and loader_wait.py time it as it is).
+step (the benchmarks in benchmarks/train_step.py and loader_wait.py time it as it is); under --cuda-graph
+`make_step` replays it from a CUDA graph instead (cuda_graph.py).
+
+Loss and fit counters stay on the device; the host reads them every 25 steps on a CPU and once per epoch
+on CUDA (no sync per step), to stop at the first non-finite loss before any checkpoint is written after it.
 
 SIGINT, SIGTERM and SIGUSR1 (single-process runs; see interrupt.py) stop the run after the step in
 flight with a checkpoint at that step: it keeps `epoch` = the last completed epoch and adds
@@ -13,6 +17,7 @@ epoch's order, skips the steps done and logs the same epoch record as an uninter
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -45,6 +50,7 @@ from fastmem.run.metrics import knn_key
 from fastmem.run.predictions import write_predictions
 from fastmem.runtime import autocast
 from fastmem.train.build import Run, build_run
+from fastmem.train.cuda_graph import SELF_GRAPHING_COMPILE_MODES, CudaGraphStep, StepFn
 from fastmem.train.interrupt import Interrupted, StopSignals
 from fastmem.train.mixing import mix_batch
 
@@ -146,9 +152,10 @@ def run_epochs(run: Run) -> dict[str, Any]:
         keep_predictions(run, 0, result)
     steps = len(run.loader) if not cfg.max_steps_per_epoch else min(len(run.loader), cfg.max_steps_per_epoch)
     record: dict[str, Any] = {}
+    step = make_step(run)  # one for the whole run: a CUDA graph is captured once
     for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
         resume_point = run.resume_point if epoch == run.start_epoch + 1 else None
-        record = run_epoch(run, epoch, steps, resume_point)
+        record = run_epoch(run, epoch, steps, resume_point, step)
         result = None
         if should_probe(cfg, epoch):
             probed, result = probe_run(run, epoch)
@@ -165,6 +172,10 @@ def run_epochs(run: Run) -> dict[str, Any]:
     if run.start_epoch >= cfg.epochs and not (run.run_dir / CHECKPOINT_NAME).exists():
         write_checkpoint(run, cfg.epochs)
     return record
+
+
+# Steps between host checks of the losses on a CPU (on CUDA: once per epoch, and before any checkpoint).
+FINITE_CHECK_STEPS = 25
 
 
 def train_step(
@@ -185,13 +196,34 @@ def train_step(
     return loss, output
 
 
-def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_step(run: Run) -> StepFn:
+    """The run's optimisation step as (images, targets) -> (loss, output): `train_step`, or its CUDA-graph replay."""
+    cfg = run.cfg
+    if cfg.cuda_graph:
+        return CudaGraphStep(run.step_model, run.optimizer, functools.partial(compute_loss, cfg.loss), run.dtype)
+
+    new_step = cfg.compile and cfg.compile_mode in SELF_GRAPHING_COMPILE_MODES  # Inductor's own CUDA graphs
+
+    def eager(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if new_step:  # each call is a new step: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return train_step(run.step_model, run.optimizer, run.scaler, images, targets, cfg.loss, run.device, run.dtype)
+
+    return eager
+
+
+def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | None = None,
+              step_fn: StepFn | None = None) -> dict[str, Any]:
     """One pass of `steps` batches over the loader; stops the run on a non-finite loss, naming the epoch and step.
 
     `resume_point` (a mid-epoch checkpoint's): skip the steps it did, continue its accumulators and RNG
     state. After a stop signal, the step in flight ends, a checkpoint is written there and `Interrupted` raised.
+    `step_fn`: the run's step (`make_step`; made here when not given).
     """
     cfg, device = run.cfg, run.device
+    step_fn = step_fn or make_step(run)
+    # Host reads of the losses (syncs): every few steps on a CPU, where they cost nothing, once per epoch on CUDA.
+    check_every = FINITE_CHECK_STEPS if device.type != "cuda" else max(steps, 1)
     run.step_model.train()
     run.loader.set_epoch(epoch)
     losses: list[torch.Tensor] = []
@@ -216,14 +248,13 @@ def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | N
     for step in range(done + 1, steps + 1):
         batch = next(batches)
         images = mix_batch(batch.images, mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed, epoch=epoch, step=step)
-        loss, output = train_step(run.step_model, run.optimizer, run.scaler, images, batch.targets, cfg.loss, device,
-                                  run.dtype)
+        loss, output = step_fn(images, batch.targets)
         losses.append(loss.detach())
         predicted = output.detach().argmax(dim=1)
         fit_random += (predicted == batch.targets).sum()
         fit_true += (predicted == run.true_labels[batch.indices.to(device)]).sum()
         seen += batch.images.shape[0]
-        if step % 25 == 0 or step == steps:  # a host sync only every few steps
+        if step % check_every == 0 or step == steps:
             check_finite(losses, epoch, step)
         bar.update(1)
         if run.stop.requested is not None:

@@ -70,10 +70,17 @@ def execute_views(
     """
     view_ids = view_ids_for(step.spec, step.seed, epoch, indices)
     params = step.params(indices, view_ids)
-    out = torch.empty((len(indices), step.channels, *step.image_size), dtype=dtype, device=indices.device,
-                      memory_format=memory_format)
+    out = view_output(step, indices, dtype, memory_format)
     images = step.executor(pixels, params, out, memory_format == torch.channels_last, rows=rows)
     return Batch(images, step.targets_of(indices, view_ids), indices, view_ids)
+
+
+def view_output(
+    step: ViewStep, indices: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format,
+) -> torch.Tensor:
+    """The uninitialized (B, C, H, W) output of the views of `indices`, on their device."""
+    return torch.empty((len(indices), step.channels, *step.image_size), dtype=dtype, device=indices.device,
+                       memory_format=memory_format)
 
 
 class EpochLoader:

@@ -4,7 +4,11 @@ Owns the uint8 dataset upload (once) and the grouping of batches per executor ca
 targets and the per-batch step (view ids, parameters, output buffer, executor, per-view targets)
 are backends/base.py's. By default the executor is the fused one for the device (executors/select.py),
 reading the resident rows in place: no gather copy, no per-sample Python and, on CUDA, no host
-round trip except the executor's hue grouping. Several batches are augmented per executor call
+round trip except the executor's hue grouping. On CUDA, for the kinds it draws (none, standard, full,
+fullfixed) and with the default executor, the parameters are drawn inside the executor's kernel
+(executors/fused_cuda_sampled.py, the in-kernel twin of params.sample_view_params, bit-identical to
+it): one launch per call and no parameter tensors. Elsewhere (CPU, RandAugment, another executor)
+the shared step samples then executes, unchanged. Several batches are augmented per executor call
 (on CUDA to amortize kernel launches, on CPU the sampler's per-call overhead).
 """
 
@@ -14,8 +18,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from fastmem.pipelines.backends.base import EpochLoader, Executor
+from fastmem.pipelines.backends.base import EpochLoader, Executor, view_output
 from fastmem.pipelines.contract import Batch, LoaderOptions
+from fastmem.pipelines.executors import fused_cuda_sampled
 from fastmem.pipelines.executors.select import apply_views_fastest
 from fastmem.pipelines.view_pool import shown_pool_rows
 
@@ -43,6 +48,9 @@ class DeviceLoader(EpochLoader):
             self.batches_per_call = max(1, CUDA_VIEW_ELEMENTS // (options.batch_size * c * h * w))
         else:
             self.batches_per_call = CPU_BATCHES_PER_CALL
+        # Draw the parameters in the executor's kernel where the default executor would run the fused Triton one.
+        self.samples_in_kernel = (executor is apply_views_fastest and device.type == "cuda"
+                                  and fused_cuda_sampled.supports(options.spec, self.images))
 
     def __iter__(self) -> Iterator[Batch]:
         mine, bounds = self.epoch_plan()
@@ -59,3 +67,14 @@ class DeviceLoader(EpochLoader):
         if self.pool_rows is None:
             return self.views(self.images, indices, rows=indices)
         return self.views(self.pool_images, indices, rows=shown_pool_rows(self.pool_rows, self.options.seed, self.epoch, indices))
+
+    def views(self, pixels: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None = None) -> Batch:
+        """The current epoch's views of `indices` from `pixels` (or `pixels[rows]`), drawn in-kernel if enabled."""
+        if not self.samples_in_kernel:
+            return super().views(pixels, indices, rows)
+        o, step = self.options, self.step
+        indices = indices.to(o.device)
+        view_ids = self.view_ids(indices)
+        out = view_output(step, indices, o.dtype, o.memory_format)
+        images = fused_cuda_sampled.apply_sampled_views(pixels, self.spec, o.seed, indices, view_ids, out, rows=rows)
+        return Batch(images, step.targets_of(indices, view_ids), indices, view_ids)

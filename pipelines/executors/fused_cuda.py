@@ -8,7 +8,9 @@ Contrast needs the mean luma of the image *as it stands before contrast*: views 
 includes it run a first sweep over their tiles up to that op (a block reduction), then the full
 sweep. Semantics are those of the torch reference executor (reference.py), photometric ops within
 2/255 (hue is the closed-form HSV shift); the geometry rounds as the reference's ops do (IEEE division,
-no FMA contraction), so it stays within 1e-5 at any image size. It draws no randomness. `OPS` lists the ops it implements:
+no FMA contraction), so it stays within 1e-5 at any image size. It draws no randomness (its twin
+fused_cuda_sampled.py draws the parameters in the same program and shares `execute_view`, the
+per-view body). `OPS` lists the ops it implements:
 RandAugment is not fused, so `supports()` declines it and executors/select.py falls back to the
 reference executor.
 
@@ -66,18 +68,41 @@ def apply_views(
     missing = [op for op in params.ops if op not in OPS]
     if missing:
         raise ValueError(f"the fused CUDA executor does not implement {', '.join(missing)} ({params.kind} views)")
+    src, rows, out = launch_buffers(images_uint8, tuple(params.image_size), params.channels, len(params), out,
+                                    channels_last, rows, dtype)
+    views, (height, width, channels), device = out.shape[0], src.shape[1:], src.device
+    if views == 0:
+        return out
+    _views_kernel[(views,)](
+        src, rows, params.crop.to(device=device, dtype=torch.int64).contiguous(),
+        _as_u8(params.flip.to(device)), _as_u8(params.jitter.to(device)),
+        params.factors.to(device=device, dtype=torch.float32).contiguous(),
+        params.order.to(device=device, dtype=torch.int64).contiguous(),
+        _as_u8(params.grayscale.to(device)), out,
+        height, width, *src.stride(), *out.stride(),
+        C=channels, REFLECT="pad_crop" in params.ops, PHOTOMETRIC="color_jitter" in params.ops,
+        **tile_constants(height, width),
+        enable_fp_fusion=False,  # no FMA contraction: the geometry rounds as the reference executor's ops do
+    )
+    return out
+
+
+def launch_buffers(
+    images_uint8: torch.Tensor, image_size: tuple[int, int], channels: int, views: int, out: torch.Tensor | None,
+    channels_last: bool, rows: torch.Tensor | None, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked launch inputs of `views` views: (the images as NHWC, int64 rows, the output tensor)."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"expected a uint8 batch of 4 dims, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     if not (images_uint8.is_cuda or INTERPRET):
         raise ValueError("the fused CUDA executor runs on CUDA tensors")
-    channels = params.channels
     src = images_uint8
     if src.shape[-1] != channels and src.shape[1] == channels:  # NCHW given: a strided NHWC view, no copy
         src = src.permute(0, 2, 3, 1)
     n_src, height, width, c = src.shape
-    if c != channels or (height, width) != tuple(params.image_size):
-        raise ValueError(f"images {tuple(src.shape)} do not match params for {params.image_size} x {channels}")
-    views, device = len(params), src.device
+    if c != channels or (height, width) != tuple(image_size):
+        raise ValueError(f"images {tuple(src.shape)} do not match params for {tuple(image_size)} x {channels}")
+    device = src.device
     if rows is None:
         if n_src != views:
             raise ValueError(f"{n_src} images for {views} views (pass rows= to read a resident dataset)")
@@ -88,23 +113,15 @@ def apply_views(
         out = torch.empty((views, channels, height, width), dtype=dtype, device=device, memory_format=fmt)
     if tuple(out.shape) != (views, channels, height, width) or out.dtype not in _OUT_DTYPES or out.device != device:
         raise ValueError(f"out must be a {(views, channels, height, width)} float32/bf16/fp16 tensor on {device}")
-    if views == 0:
-        return out
+    return src, rows, out
+
+
+def tile_constants(height: int, width: int) -> dict[str, object]:
+    """The launch's tiling: BLOCK pixels per tile, TILES tiles per view, the warps, the luma weights."""
     pixels = height * width
     block = min(triton.next_power_of_2(pixels), MAX_BLOCK)
-    _views_kernel[(views,)](
-        src, rows, params.crop.to(device=device, dtype=torch.int64).contiguous(),
-        _as_u8(params.flip.to(device)), _as_u8(params.jitter.to(device)),
-        params.factors.to(device=device, dtype=torch.float32).contiguous(),
-        params.order.to(device=device, dtype=torch.int64).contiguous(),
-        _as_u8(params.grayscale.to(device)), out,
-        height, width, *src.stride(), *out.stride(),
-        C=channels, REFLECT="pad_crop" in params.ops, BLOCK=block, TILES=triton.cdiv(pixels, block),
-        GR=GRAY_WEIGHTS[0], GG=GRAY_WEIGHTS[1], GB=GRAY_WEIGHTS[2],
-        num_warps=4 if block >= 512 else 2,
-        enable_fp_fusion=False,  # no FMA contraction: the geometry rounds as the reference executor's ops do
-    )
-    return out
+    return {"BLOCK": block, "TILES": triton.cdiv(pixels, block), "GR": GRAY_WEIGHTS[0], "GG": GRAY_WEIGHTS[1],
+            "GB": GRAY_WEIGHTS[2], "num_warps": 4 if block >= 512 else 2}
 
 
 def _as_u8(flags: torch.Tensor) -> torch.Tensor:
@@ -169,14 +186,16 @@ if AVAILABLE:
         return _hsv_channel(v, chroma, h6, 5), _hsv_channel(v, chroma, h6, 3), _hsv_channel(v, chroma, h6, 1)
 
     @triton.jit
-    def _apply_op(r, g, b, op, f, mean, C: tl.constexpr, GR: tl.constexpr, GG: tl.constexpr, GB: tl.constexpr):
-        """Jitter op `op` (0 brightness, 1 contrast around `mean`, 2 saturation, 3 hue) with factor f."""
+    def _apply_op(r, g, b, op, factors, mean, C: tl.constexpr, GR: tl.constexpr, GG: tl.constexpr, GB: tl.constexpr):
+        """Jitter op `op` (0 brightness, 1 contrast around `mean`, 2 saturation, 3 hue) with its factor of `factors`."""
         if op == 0:
+            f = factors[0]
             r = _unit(r * f)
             if C == 3:
                 g = _unit(g * f)
                 b = _unit(b * f)
         elif op == 1:
+            f = factors[1]
             m = mean * (1.0 - f)
             r = _unit(r * f + m)
             if C == 3:
@@ -184,13 +203,14 @@ if AVAILABLE:
                 b = _unit(b * f + m)
         elif op == 2:
             if C == 3:
+                f = factors[2]
                 gray = (r * GR + g * GG + b * GB) * (1.0 - f)
                 r = _unit(r * f + gray)
                 g = _unit(g * f + gray)
                 b = _unit(b * f + gray)
         else:
             if C == 3:
-                r, g, b = _hue(r, g, b, f)
+                r, g, b = _hue(r, g, b, factors[3])
         return r, g, b
 
     @triton.jit
@@ -199,7 +219,7 @@ if AVAILABLE:
         """The view's geometry at output pixels p: channels (r, g, b) in [0, 1] (g = b = r for C = 1)."""
         i = p // width
         j = p % width
-        j = tl.where(flip != 0, width - 1 - j, j)
+        j = tl.where(flip, width - 1 - j, j)
         y0, y1, fy = _axis(i, top, crop_h, height, REFLECT)
         x0, x1, fx = _axis(j, left, crop_w, width, REFLECT)
         base = src + row * sn
@@ -213,60 +233,73 @@ if AVAILABLE:
         return r, g, b
 
     @triton.jit
-    def _views_kernel(src, rows, crop, flip, jitter, factors, order, gray, out,
-                      height, width, sn, sh, sw, sc, on, oc, oh, ow,
-                      C: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
-                      GR: tl.constexpr, GG: tl.constexpr, GB: tl.constexpr):
-        v = tl.program_id(0).to(tl.int64)
-        row = tl.load(rows + v)
-        top = tl.load(crop + 4 * v).to(tl.int32)
-        left = tl.load(crop + 4 * v + 1).to(tl.int32)
-        crop_h = tl.load(crop + 4 * v + 2).to(tl.int32)
-        crop_w = tl.load(crop + 4 * v + 3).to(tl.int32)
-        flipped = tl.load(flip + v)
-        jit = tl.load(jitter + v) != 0
-        to_gray = tl.load(gray + v) != 0
-        ops1 = tl.load(order + 4 * v + 1).to(tl.int32)
-        ops2 = tl.load(order + 4 * v + 2).to(tl.int32)
-        ops3 = tl.load(order + 4 * v + 3).to(tl.int32)
+    def execute_view(src, row, box, flipped, jit, factors, ops, to_gray, dst_view,
+                     height, width, sn, sh, sw, sc, oc, oh, ow,
+                     C: tl.constexpr, REFLECT: tl.constexpr, PHOTOMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+                     TILES: tl.constexpr, GR: tl.constexpr, GG: tl.constexpr, GB: tl.constexpr):
+        """Write one view of source image `row` at `dst_view`: geometry, then (when PHOTOMETRIC) jitter and gray.
+
+        box = (top, left, crop height, crop width); factors = (brightness, contrast, saturation, hue);
+        ops = the jitter op at each position. Shared by every kernel that executes views (this module's,
+        and fused_cuda_sampled's, which draws the parameters in the same program).
+        """
+        top, left, crop_h, crop_w = box
         pixels = height * width
         lanes = tl.arange(0, BLOCK)
-        # Contrast blends with the mean luma of the image as it stands when contrast runs.
-        where_contrast = (ops1 == 1).to(tl.int32) + 2 * (ops2 == 1).to(tl.int32) + 3 * (ops3 == 1).to(tl.int32)
         mean = 0.0
-        if jit:
-            acc = 0.0
-            for t in range(TILES):  # a loop, not unrolled: large images have many tiles
-                p = t * BLOCK + lanes
-                mask = p < pixels
-                r, g, b = _sample(src, row, sn, sh, sw, sc, height, width, top, left, crop_h, crop_w, flipped, p, mask,
-                                  C, REFLECT)
-                for k in tl.static_range(3):
-                    if k < where_contrast:
-                        op = tl.load(order + 4 * v + k).to(tl.int32)
-                        r, g, b = _apply_op(r, g, b, op, tl.load(factors + 4 * v + op), 0.0, C, GR, GG, GB)
-                luma = r
-                if C == 3:
-                    luma = r * GR + g * GG + b * GB
-                acc += tl.sum(tl.where(mask, luma, 0.0), axis=0)
-            mean = acc / pixels
+        if PHOTOMETRIC:
+            # Contrast blends with the mean luma of the image as it stands when contrast runs.
+            where_contrast = ((ops[1] == 1).to(tl.int32) + 2 * (ops[2] == 1).to(tl.int32)
+                              + 3 * (ops[3] == 1).to(tl.int32))
+            if jit:
+                acc = 0.0
+                for t in range(TILES):  # a loop, not unrolled: large images have many tiles
+                    p = t * BLOCK + lanes
+                    mask = p < pixels
+                    r, g, b = _sample(src, row, sn, sh, sw, sc, height, width, top, left, crop_h, crop_w, flipped, p,
+                                      mask, C, REFLECT)
+                    for k in tl.static_range(3):
+                        if k < where_contrast:
+                            r, g, b = _apply_op(r, g, b, ops[k], factors, 0.0, C, GR, GG, GB)
+                    luma = r
+                    if C == 3:
+                        luma = r * GR + g * GG + b * GB
+                    acc += tl.sum(tl.where(mask, luma, 0.0), axis=0)
+                mean = acc / pixels
         for t in range(TILES):  # a loop, not unrolled: large images have many tiles
             p = t * BLOCK + lanes
             mask = p < pixels
             r, g, b = _sample(src, row, sn, sh, sw, sc, height, width, top, left, crop_h, crop_w, flipped, p, mask,
                               C, REFLECT)
-            if jit:
-                for k in tl.static_range(4):
-                    op = tl.load(order + 4 * v + k).to(tl.int32)
-                    r, g, b = _apply_op(r, g, b, op, tl.load(factors + 4 * v + op), mean, C, GR, GG, GB)
+            if PHOTOMETRIC:
+                if jit:
+                    for k in tl.static_range(4):
+                        r, g, b = _apply_op(r, g, b, ops[k], factors, mean, C, GR, GG, GB)
+                if C == 3:
+                    if to_gray:
+                        luma = r * GR + g * GG + b * GB
+                        r = luma
+                        g = luma
+                        b = luma
+            dst = dst_view + (p // width) * oh + (p % width) * ow
+            tl.store(dst, r.to(dst_view.dtype.element_ty), mask=mask)
             if C == 3:
-                if to_gray:
-                    luma = r * GR + g * GG + b * GB
-                    r = luma
-                    g = luma
-                    b = luma
-            dst = out + v * on + (p // width) * oh + (p % width) * ow
-            tl.store(dst, r.to(out.dtype.element_ty), mask=mask)
-            if C == 3:
-                tl.store(dst + oc, g.to(out.dtype.element_ty), mask=mask)
-                tl.store(dst + 2 * oc, b.to(out.dtype.element_ty), mask=mask)
+                tl.store(dst + oc, g.to(dst_view.dtype.element_ty), mask=mask)
+                tl.store(dst + 2 * oc, b.to(dst_view.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _views_kernel(src, rows, crop, flip, jitter, factors, order, gray, out,
+                      height, width, sn, sh, sw, sc, on, oc, oh, ow,
+                      C: tl.constexpr, REFLECT: tl.constexpr, PHOTOMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+                      TILES: tl.constexpr, GR: tl.constexpr, GG: tl.constexpr, GB: tl.constexpr):
+        """One program per view: read view v's parameters from the `ViewParams` tensors, then execute it."""
+        v = tl.program_id(0).to(tl.int64)
+        box = (tl.load(crop + 4 * v).to(tl.int32), tl.load(crop + 4 * v + 1).to(tl.int32),
+               tl.load(crop + 4 * v + 2).to(tl.int32), tl.load(crop + 4 * v + 3).to(tl.int32))
+        view_factors = (tl.load(factors + 4 * v), tl.load(factors + 4 * v + 1), tl.load(factors + 4 * v + 2),
+                        tl.load(factors + 4 * v + 3))
+        ops = (tl.load(order + 4 * v).to(tl.int32), tl.load(order + 4 * v + 1).to(tl.int32),
+               tl.load(order + 4 * v + 2).to(tl.int32), tl.load(order + 4 * v + 3).to(tl.int32))
+        execute_view(src, tl.load(rows + v), box, tl.load(flip + v) != 0, tl.load(jitter + v) != 0, view_factors, ops,
+                     tl.load(gray + v) != 0, out + v * on, height, width, sn, sh, sw, sc, oc, oh, ow,
+                     C, REFLECT, PHOTOMETRIC, BLOCK, TILES, GR, GG, GB)
