@@ -270,7 +270,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
                       "augmentation, every run fits them (100 %), yet starting from the full-augmentation run with the "
                       "head / stage4 + head / stage3–4 + head reset, stage2 ends +4.4 [+3.5, +5.4] / +5.5 [+4.6, +6.4] "
                       "/ +5.5 [+4.6, +6.5] and h +3.5 [+2.6, +4.5] / +4.5 [+3.6, +5.5] / +0.7 [−0.2, +1.6] points "
-                      "above the untrained network, 1–3 points below the source at stage2–3, and h +11.6 to +15.4 above "
+                      "above the untrained network, 1.1–2.5 points below the source at stage2–3, and h +11.6 to +15.4 above "
                       "the same retraining from scratch (h −10.9 [−11.9, −9.9] below the untrained network); z "
                       "collapses in every run (−47 to −49)."}),
     Experiment("K", "clean-label and untrained baselines", "label_noise 0 with full and no aug; the epoch-0 probe",
