@@ -39,7 +39,8 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(params, images: torch.Tensor | None = None) -> bool:
-    """True when this executor implements every op of `params` (on `images`, if given): Triton, a CUDA tensor."""
+    """True when this executor implements every op of `params` (ViewParams or AugmentSpec: its `.ops`) on `images`, if
+    given: Triton, a CUDA tensor (or the interpreter)."""
     if not AVAILABLE or not set(params.ops) <= OPS:
         return False
     if images is None:

@@ -57,11 +57,7 @@ _NUM_STREAMS = S_GRAY + 1  # streams 0..29: every draw of a full view
 
 def supports(spec: AugmentSpec, images: torch.Tensor | None = None) -> bool:
     """True when views of `spec` can be drawn and executed in-kernel (on `images`, if given): Triton, CUDA."""
-    if not AVAILABLE or spec.kind not in KINDS or not set(spec.ops) <= fused_cuda.OPS:
-        return False
-    if images is None:
-        return torch.cuda.is_available() or INTERPRET
-    return images.dtype == torch.uint8 and (images.is_cuda or INTERPRET)
+    return spec.kind in KINDS and fused_cuda.supports(spec, images)  # the executor's own test of ops and device
 
 
 def apply_sampled_views(
