@@ -213,13 +213,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
                       "so random labels with augmentation learn about 40 % of what the true labels teach at h."}),
     Experiment("B", "layer-wise probe", "augment ∈ {none, standard, full}; every probe point",
                "only the last layers lose k-NN accuracy", _b,
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): only the last "
-                      "layers lose k-NN — partly holds: without augmentation the loss grows toward the output (stage2 "
-                      "−3.5 [−4.4, −2.5], h −11.6 [−12.6, −10.6], z −48.0 [−49.1, −46.9]) but no layer stays at the "
-                      "untrained level; standard augmentation (crop + flip) still fits the labels (97.4 %) and collapses "
-                      "z (−44.2) yet lifts h +3.6 [+2.6, +4.6]; full augmentation does not fit them (21.8 %) and lifts "
-                      "stage1–head_hidden (h +6.5 [+5.6, +7.4])."}),
-    Experiment("C", "number of fixed views n", "augment fullfixed:n:same, n ∈ scale's list, plus full (n=∞)",
+               notes={"cpu": "Claims at this scale (2 seeds, mean ± sd over seeds; paired 95 % intervals over the 10,000 "
+                      "queries per seed): only the last layers lose k-NN — partly holds: without augmentation the loss "
+                      "grows toward the output (stage2 −3.3 ± 0.3, h −12.9 ± 1.9, z −47.0 ± 1.4; every seed's interval "
+                      "below 0) but no layer stays at the untrained level; standard augmentation (crop + flip) still "
+                      "fits the labels (98.0 ± 0.8 %) and collapses z (−43.1 ± 1.5) yet lifts h +3.2 ± 0.6 (seeds "
+                      "+3.6 [+2.6, +4.6], +2.7 [+1.8, +3.6]); full augmentation does not fit them (21.7 %) and lifts "
+                      "stage1–head_hidden (h +5.9 ± 0.8, every seed's interval above 0)."}),
+Experiment("C", "number of fixed views n", "augment fullfixed:n:same, n ∈ scale's list, plus full (n=∞)",
                "larger n: better k-NN, harder to fit the random labels", _c, x_label="views per image n",
                plots=("tradeoff",),
                notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): harder to "
@@ -290,9 +291,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
                       "collapses in every run (−47 to −49)."}),
     Experiment("K", "clean-label and untrained baselines", "label_noise 0 with full and no aug; the epoch-0 probe",
                "the bounds the other experiments are read against", _k,
-               notes={"cpu": "The bounds at this scale (seed 0): clean labels lift h over the untrained network by "
-                      "+15.2 [+14.4, +16.1] points with full augmentation and +11.6 [+10.8, +12.5] without; the "
-                      "untrained network gives h 71.5 ± 0.9 %."}),
+               notes={"cpu": "The bounds at this scale (2 seeds, mean ± sd over seeds; paired 95 % intervals per seed): "
+                      "clean labels lift h over the untrained network by +15.2 ± 0.0 points with full augmentation "
+                      "(seed 0: +15.2 [+14.4, +16.1]) and +11.5 ± 0.2 without (seeds +11.6 [+10.8, +12.5], +11.4 "
+                      "[+10.5, +12.2]); the untrained network gives h 71.4 ± 0.2 %."}),
 ]}
 
 # What `show` and `run` accept by id: the protocol's A–K (`all`) and the main job.
