@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastmem.pipelines import PIPELINE_NAMES, make_loader  # noqa: E402
+from fastmem.pipelines.backends.torch import shutdown_workers  # noqa: E402
 from machine import describe_machine, machine_label, results_tag  # noqa: E402
 
 from fastmem.data.synthetic import make_synthetic  # noqa: E402
@@ -85,6 +86,10 @@ class V2Loader:
     def __iter__(self):
         for images, targets in self.loader:
             yield _V2Batch(images.to(self.device).contiguous(memory_format=self.memory_format), targets.to(self.device))
+
+    def close(self) -> None:
+        """End the DataLoader's worker processes, as the contract's loaders do (safe to call again)."""
+        shutdown_workers(self.loader)
 
 
 class _V2Batch:

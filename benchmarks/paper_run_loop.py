@@ -54,7 +54,7 @@ class HalfSetup:
 
     name: str
     describe: str  # one line for the table: pipeline, precision, memory format, probe
-    make_loader: Callable[[], Any]  # a contract loader: set_epoch, len, iteration yields .images/.targets
+    make_loader: Callable[[], Any]  # a contract loader: set_epoch, len, close, iteration yields .images/.targets
     make_step: Callable[[EncoderProjector], StepFn]  # the optimisation step over the model's parameters
     channels_last: bool
     probe: Probe
@@ -175,7 +175,7 @@ def run_half(shape: RunShape, setup: HalfSetup, device: torch.device, log: Calla
     batches = iter(loader)
     for _ in range(shape.warmup_steps):  # allocation, autotuning, compilation, worker start: not timed
         step(next(batches), fits)
-    close_iterator(batches)
+    batches.close()  # ends the iteration now (a generator's `finally` stops its backend's work)
     setup.probe(model, WARMUP_PROBE_ROWS)
     probe(0)  # the untrained network (fastmem probes it; the reference code does not, its cost is the same)
 
@@ -198,7 +198,7 @@ def run_half(shape: RunShape, setup: HalfSetup, device: torch.device, log: Calla
             if elapsed >= shape.seconds:
                 done = True
                 break
-        close_iterator(batches)
+        batches.close()
         synchronize(device)
         result.train_s += time.perf_counter() - started
         clock.settle()
@@ -210,19 +210,5 @@ def run_half(shape: RunShape, setup: HalfSetup, device: torch.device, log: Calla
         if not done and epoch % shape.probe_every == 0:
             probe(epoch)
     bar.close()
-    close_loader(loader)
+    loader.close()  # its worker processes, threads or pipelines
     return result
-
-
-def close_iterator(batches: Any) -> None:
-    """End an iteration now (a generator's `finally` stops its backend's work)."""
-    close = getattr(batches, "close", None)
-    if callable(close):
-        close()
-
-
-def close_loader(loader: Any) -> None:
-    """Stop a loader's worker threads or pipelines, for the backends that have them (DataLoader workers end with it)."""
-    close = getattr(loader, "close", None)
-    if callable(close):
-        close()

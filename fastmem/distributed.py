@@ -28,12 +28,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fastmem.errors import FastmemError, fail
 
+T = TypeVar("T")
 TIMEOUT_ENV = "FASTMEM_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0  # the longest a rank waits for its peers (rendezvous, any one collective)
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[.../pair.cc:561] " prefix
@@ -259,3 +261,15 @@ def broadcast_buffers_from_main(model: torch.nn.Module) -> None:
         staged = buffer.detach().to(device).clone()
         dist.broadcast(staged, src=0)
         buffer.copy_(staged.to(buffer.device))
+
+
+def agree_with_main(value: T) -> T:
+    """Rank 0's `value` on every rank (a picklable object; the value itself without torchrun).
+
+    Used for choices a rank could make differently on its own, e.g. `--precision auto` on a CPU.
+    """
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-HOST_CHUNK_BYTES = 128 << 20  # fp32 bytes per block of rows: the bound on what one block holds in RAM
+HOST_CHUNK_BYTES = 128 << 20  # bytes per block of rows (fp32 here): the bound on what one block holds in RAM;
+# the CUDA search's pinned reference chunks take the same bound in their storage dtype (knn_cuda.py)
 
 Search = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 

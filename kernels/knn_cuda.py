@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastmem.kernels.host_chunks import HOST_CHUNK_BYTES
 from fastmem.kernels.knn_cuda_launch import (
     MISSING_MESSAGE,
     CupyKernels,
@@ -46,7 +47,6 @@ _UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
 _SUBNORMAL_HALF_STEP = {"fp32": 2.0**-150, "fp16": 2.0**-25, "bf16": 2.0**-134}
 _MARGIN = {"fp32": 32, "fp16": 128, "bf16": 384}  # extra candidates: the error band is wider in bf16
 FALLBACK_ROWS = 1024  # queries per brute-force group (a grid dimension, at most 65535)
-HOST_CHUNK_BYTES = 512 << 20
 
 
 def error_bound(precision: str, dim: int) -> float:

@@ -3,7 +3,10 @@
 A loader yields `Batch`es of images (NCHW float in [0, 1], channels_last unless asked otherwise, on
 the target device, in the requested dtype), training targets (per view for fixed `random` views),
 sample indices and view ids; it has `len()` (batches per epoch on its rank), `set_epoch(e)`, `spec`
-and `num_views`. Its order is `sharding.epoch_order` split by `sharding.shard`, and its views are
+and `num_views`. One epoch's iteration is a generator: its `close()` ends the epoch early and lets go of what
+that epoch holds. The loader's `close()` (idempotent; also on leaving a `with make_loader(...) as loader:`
+block) releases what it holds beyond memory: worker processes, threads, pipelines; a later iteration starts
+them again. Its order is `sharding.epoch_order` split by `sharding.shard`, and its views are
 the parameters of `params.sample_view_params` executed on the images, so everything is a
 deterministic function of (seed, epoch) and equal across backends up to the executor's tolerance.
 Backends are built as `Backend(images, targets, options, **backend_options)` from uint8 NHWC images
@@ -13,14 +16,17 @@ and registry.py declares what each executes and which backend options it takes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from types import TracebackType
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 from fastmem.pipelines.params import AUGMENT_NAMES, AugmentSpec
 
 __all__ = ["AUGMENT_NAMES", "Batch", "Loader", "LoaderOptions"]
+
+SelfLoader = TypeVar("SelfLoader", bound="Loader")
 
 
 class Batch(NamedTuple):
@@ -62,7 +68,14 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __iter__(self) -> Iterator[Batch]: ...
+    def __iter__(self) -> Generator[Batch, None, None]: ...
 
     def set_epoch(self, epoch: int) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self: SelfLoader) -> SelfLoader: ...
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None: ...
 

@@ -72,8 +72,9 @@ def counter_uniform(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | i
     return to_uniform(counter_bits(seed, indices, view_ids, stream))
 
 
-def counter_randint(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int, n: int) -> torch.Tensor:
-    """Integers in [0, n) (int64) per key."""
+def counter_randint(seed: int, indices: torch.Tensor, view_ids: torch.Tensor | int, stream: torch.Tensor | int,
+                    n: int | torch.Tensor) -> torch.Tensor:
+    """Integers in [0, n) (int64) per key (`n` may be a tensor of per-key bounds, broadcast like the key)."""
     return shr(counter_bits(seed, indices, view_ids, stream), 1) % n
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -57,4 +58,37 @@ def assert_same_weights(run_a: Path, run_b: Path, epoch: int) -> None:
 # A tiny run: synthetic 16 px images, the small CNN at quarter width, a few hundred samples.
 QUICK_RUN = ["--dataset", "synthetic", "--image-size", "16", "--subset", "256", "--probe-subset", "200",
              "--model", "small_cnn", "--width", "0.25", "--bottleneck-dim", "256", "--batch-size", "64",
-             "--device", "cpu", "--threads", "1", "--progress", "false"]
+             "--device", "cpu", "--threads", "1", "--progress", "false", "--precision", "fp32"]
+
+
+# /proc/cpuinfo of a CPU that declares native bf16 (AVX-512 BF16), for $FASTMEM_CPUINFO (fastmem/cpu_precision.py).
+FAKE_AVX512_BF16_CPUINFO = ("processor\t: 0\nmodel name\t: fastmem test CPU declaring avx512_bf16\n"
+                            "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni avx512_bf16\n")
+# The precisions the exactness tests (resume, signals, disk full, DDP, probe cache) run under: fp32; bf16 forced
+# (CPU autocast runs without native bf16 too, only slower); and `auto` on a CPU faked to declare avx512_bf16, so the
+# measured decision is exercised on every machine CI lands on (each test's processes must agree on it).
+EXACTNESS_PRECISIONS = ("fp32", "bf16", "auto-avx512_bf16")
+
+
+@contextlib.contextmanager
+def precision_mode(mode: str, scratch: Path) -> Iterator[list[str]]:
+    """The trainer flags of `mode` (one of EXACTNESS_PRECISIONS), with the faked CPU in the environment while open."""
+    with pytest.MonkeyPatch.context() as env:
+        if mode == "auto-avx512_bf16":
+            fake = scratch / "cpuinfo"
+            fake.write_text(FAKE_AVX512_BF16_CPUINFO)
+            env.setenv("FASTMEM_CPUINFO", str(fake))
+            yield ["--precision", "auto"]
+        else:
+            yield ["--precision", mode]
+
+
+@pytest.fixture(scope="module", params=EXACTNESS_PRECISIONS)
+def precision_flags(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """`--precision ...` for each of EXACTNESS_PRECISIONS in turn (module-wide: the module's shared runs use it)."""
+    from fastmem.cpu_precision import cpu_precision_choice
+
+    with precision_mode(request.param, tmp_path_factory.mktemp("cpu")) as flags:
+        cpu_precision_choice.cache_clear()  # this process's kept choice belongs to the real CPU
+        yield flags
+    cpu_precision_choice.cache_clear()

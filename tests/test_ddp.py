@@ -95,18 +95,20 @@ def _torchrun(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    """A 2-rank run of RUN (spawned ranks); rank 1 is told another --out, which must stay empty."""
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory,
+                 precision_flags: list[str]) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """A 2-rank run of RUN (spawned ranks) in each of conftest's precisions; rank 1 is told another --out, which
+    must stay empty."""
     root = tmp_path_factory.mktemp("ddp")
-    argv = [[*QUICK_RUN, *RUN, "--out", str(root / f"rank{r}-out")] for r in range(WORLD)]
+    argv = [[*QUICK_RUN, *RUN, *precision_flags, "--out", str(root / f"rank{r}-out")] for r in range(WORLD)]
     _spawn(_train_rank, argv, str(root))
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)], precision_flags
 
 
 def test_two_gloo_ranks_train_disjoint_shards_with_identical_weights_and_only_rank0_writes(
-    tmp_path: Path, two_rank_run: tuple[Path, list[dict[str, Any]]]
+    tmp_path: Path, two_rank_run: tuple[Path, list[dict[str, Any]], list[str]]
 ) -> None:
-    root, reports = two_rank_run
+    root, reports, flags = two_rank_run
     assert reports[0]["parameters"] == reports[1]["parameters"]
     for epoch in ("1", "2"):  # 256 images, global batch 64 = 2 ranks x 32: every image once, on one rank
         shards = [set(report["seen"][epoch]) for report in reports]
@@ -119,7 +121,7 @@ def test_two_gloo_ranks_train_disjoint_shards_with_identical_weights_and_only_ra
     assert json.loads((root / "rank0-out" / "summary.json").read_text())["world_size"] == WORLD
 
     single = tmp_path / "single"
-    result = run_module("fastmem.train", *QUICK_RUN, *RUN, "--out", str(single))
+    result = run_module("fastmem.train", *QUICK_RUN, *RUN, *flags, "--out", str(single))
     assert result.returncode == 0, result.stderr
     ddp, one = read_metrics(root / "rank0-out" / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
     assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2]
@@ -177,10 +179,10 @@ def test_sharded_probe_equals_the_single_process_probe_exactly(tmp_path: Path, o
 
 
 def test_resume_of_a_two_rank_torchrun_run_reaches_the_uninterrupted_result(
-    tmp_path: Path, two_rank_run: tuple[Path, list[dict[str, Any]]]
+    tmp_path: Path, two_rank_run: tuple[Path, list[dict[str, Any]], list[str]]
 ) -> None:
     whole, part = two_rank_run[0] / "rank0-out", tmp_path / "part"
-    first = _torchrun("fastmem.train", *QUICK_RUN, *RUN, "--epochs", "1", "--out", str(part))
+    first = _torchrun("fastmem.train", *QUICK_RUN, *RUN, *two_rank_run[2], "--epochs", "1", "--out", str(part))
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
     resumed = _torchrun("fastmem.train", "--resume", str(part), "--epochs", "2", "--progress", "false")

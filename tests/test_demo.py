@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_module
 
 from fastmem.experiments.demo import build_parser, plan_main_job
@@ -22,16 +23,28 @@ TODAYS_DEMO_COMMAND = [
 ]
 # The identity (fastmem/experiments/sweep.py RUN_FORMAT + the resolved config) of today's runs: a change here means a
 # finished `make demo` run is no longer reused, so it must come with a RUN_FORMAT bump or a recipe change, on purpose.
-RUN_DIRS = {"full": "augmentfull-label_noise1.0-d61193e240", "none": "augmentnone-label_noise1.0-f11ab5ebbb"}
+# `auto` precision is in the identity as this machine's decision: a folder continued on a machine that decides
+# otherwise trains new runs rather than mixing precisions.
+RUN_DIRS = {
+    "bf16": {"full": "augmentfull-label_noise1.0-cafadb2167", "none": "augmentnone-label_noise1.0-dc6e1ae2de"},
+    "fp32": {"full": "augmentfull-label_noise1.0-b5d23c4d04", "none": "augmentnone-label_noise1.0-845e6e31e1"},
+}
 
 
-def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decided", ["bf16", "fp32"])
+def test_main_job_runs_compute_what_the_demo_always_computed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            decided: str) -> None:
+    from fastmem.cpu_precision import DECISION_ENV, CpuPrecisionChoice, cpu_precision_choice, machine_identity
+
+    monkeypatch.setenv(DECISION_ENV, CpuPrecisionChoice(decided, "test", machine_identity()).to_env())
+    cpu_precision_choice.cache_clear()
     runs = plan_main_job(build_parser().parse_args(["--out", str(tmp_path)]))
+    cpu_precision_choice.cache_clear()
     assert [r.variant.label for r in runs] == ["full augmentation", "no augmentation"]
     for run, augment in zip(runs, ("full", "none")):
         expected, _, _ = parse_args([*TODAYS_DEMO_COMMAND, "--augment", augment, "--out", str(run.run_dir)])
         assert run.config == expected
-        assert run.run_dir == tmp_path / "runs" / RUN_DIRS[augment]  # the identity is pinned on purpose
+        assert run.run_dir == tmp_path / "runs" / RUN_DIRS[decided][augment]  # the identity is pinned on purpose
         started, _, _ = parse_args(train_command(run, threads=1)[3:])  # what the sweep runner starts
         assert started == expected
 
@@ -56,13 +69,21 @@ def test_demo_trains_both_runs_and_writes_table_and_plot(tmp_path: Path) -> None
     out = tmp_path / "demo"
     result = run_module("fastmem.demo", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr
-    assert ("| probe point | untrained | full augmentation | full augmentation − untrained | no augmentation | "
-            "no augmentation − untrained |") in result.stdout
-    for layer in ("stem", "stage4", "h", "head_hidden", "z"):
+    assert ("| probe point | untrained | untrained (BN calibrated) | full augmentation | full augmentation − untrained | "
+            "full augmentation − untrained (BN calibrated) | no augmentation | no augmentation − untrained | "
+            "no augmentation − untrained (BN calibrated) |") in result.stdout
+    for layer in ("stem", "h (= stage4)", "head_hidden", "z"):  # stage4 is h's vector: one row
         assert f"| {layer} |" in result.stdout
+    assert "| stage4 |" not in result.stdout and "untrained (BN calibrated)" in result.stdout
     assert "| *fit of the random labels (last epoch)* | – |" in result.stdout
-    assert "benign: with full augmentation" in result.stdout and "malign: without augmentation" in result.stdout
+    for claim in ("MAIN.benign", "MAIN.malign", "MAIN.benign (initial BN)", "MAIN.z collapses"):
+        assert f"**{claim} — " in result.stdout, claim  # the judge's verdict lines
     assert "[start 1/2] full augmentation" in result.stdout and "[done 2/2]" in result.stdout
+    # The precision and its reason are said before training, and both runs (two processes) trained in that one decision.
+    said = next(line for line in result.stdout.splitlines() if line.startswith("precision: "))
+    assert result.stdout.index(said) < result.stdout.index("[start 1/2]")
+    recorded = {json.dumps(json.loads((d / "config.json").read_text())["resolved"]) for d in (out / "runs").iterdir()}
+    assert len(recorded) == 1 and json.loads(recorded.pop())["precision_reason"] == said.removeprefix("precision: ")
     png = (out / "benign_vs_malign.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "| z |" in (out / "summary.md").read_text()

@@ -44,23 +44,24 @@ def _one_error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted 5-epoch run the recovered runs must equal."""
+def reference(tmp_path_factory: pytest.TempPathFactory, precision_flags: list[str]) -> tuple[Path, list[str]]:
+    """The uninterrupted 5-epoch run the recovered runs must equal, and its precision flags (each of conftest's)."""
     run_dir = tmp_path_factory.mktemp("disk-full") / "reference"
-    result = _train(run_dir, 5)
+    result = _train(run_dir, 5, *precision_flags)
     assert result.returncode == 0, result.stderr
-    return run_dir
+    return run_dir, precision_flags
 
 
-def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(tmp_path: Path, reference: Path) -> None:
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(tmp_path: Path, reference: tuple[Path, list[str]]) -> None:
+    reference, flags = reference
     run_dir = tmp_path / "run"
-    assert _train(run_dir, 4).returncode == 0
+    assert _train(run_dir, 4, *flags).returncode == 0
     before = _hashes(run_dir)
     checkpoint_size = (run_dir / "checkpoint.pt").stat().st_size
     metrics_size = (run_dir / "metrics.jsonl").stat().st_size
     assert checkpoint_size > 4 * metrics_size + 4096
     # Room for the metrics and config files, not for a new checkpoint.
-    failed = _train(run_dir, 5, file_size_limit=checkpoint_size // 2)
+    failed = _train(run_dir, 5, *flags, file_size_limit=checkpoint_size // 2)
     assert failed.returncode == 2, failed.stderr
     line = _one_error_line(failed.stderr)
     assert "checkpoint.pt" in line and "disk full" in line, line
@@ -68,26 +69,27 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(tm
     assert after["checkpoint.pt"] == before["checkpoint.pt"]  # the previous checkpoint, byte for byte
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     # Room again: the resume redoes epoch 5 from the epoch-4 checkpoint and ends as the uninterrupted run.
-    resumed = _train(run_dir, 5)
+    resumed = _train(run_dir, 5, *flags)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(run_dir, reference, 5)
     assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
 
 
-def test_full_disk_at_a_metrics_write_leaves_the_file_whole_and_the_run_resumes(tmp_path: Path, reference: Path) -> None:
+def test_full_disk_at_a_metrics_write_leaves_the_file_whole_and_the_run_resumes(tmp_path: Path, reference: tuple[Path, list[str]]) -> None:
+    reference, flags = reference
     run_dir = tmp_path / "run"
-    assert _train(run_dir, 4).returncode == 0  # enough records that metrics.jsonl outgrows config.json
+    assert _train(run_dir, 4, *flags).returncode == 0  # enough records that metrics.jsonl outgrows config.json
     before = _hashes(run_dir)
     metrics_size, config_size = (run_dir / "metrics.jsonl").stat().st_size, (run_dir / "config.json").stat().st_size
     assert metrics_size > config_size  # the resume rewrites config.json: it must still fit
-    failed = _train(run_dir, 5, file_size_limit=metrics_size + 16)  # the epoch-5 record does not fit
+    failed = _train(run_dir, 5, *flags, file_size_limit=metrics_size + 16)  # the epoch-5 record does not fit
     assert failed.returncode == 2, failed.stderr
     line = _one_error_line(failed.stderr)
     assert "metrics.jsonl" in line and "disk full" in line, line
     after = _hashes(run_dir)
     assert after.pop("config.json") and before.pop("config.json")  # rewritten at the start: it records --epochs 5
     assert after == before  # no torn record; the checkpoint, labels and every other file unchanged
-    resumed = _train(run_dir, 5)
+    resumed = _train(run_dir, 5, *flags)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(run_dir, reference, 5)
     ours = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in read_metrics(run_dir / "metrics.jsonl")]

@@ -55,7 +55,10 @@ def test_smoke_scale_runs_and_report_renders(smoke_sweeps: Path, experiment_id: 
         probes = RunRecords.read(run_dir).probes
         assert probes[0]["epoch"] == 0 and probes[-1]["epoch"] == json.loads((run_dir / "config.json").read_text())["epochs"]
     report = (sweep_dir / "report" / "report.md").read_text()
-    assert f"# Experiment {experiment_id}:" in report and "| *untrained (epoch 0)* |" in report
+    assert f"# Experiment {experiment_id}:" in report and "| *untrained, initial BN (epoch 0)* |" in report
+    assert "## Verdicts" in report and "## Lift over the untrained network, BN calibrated (points)" in report
+    if experiment_id != "J":  # J's runs start from its source's weights; its source has an untrained network
+        assert "| *untrained, BN calibrated* |" in report
     for entry in plan["runs"]:
         assert entry["label"] in report
     for png in ("final_per_layer.png", "knn_vs_epoch.png", "fit_vs_epoch.png", *(f"{p}.png" for p in plan["plots"])):
@@ -118,16 +121,35 @@ def test_paper_scale_without_cifar_fails_before_any_run(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_run_identities_are_pinned(tmp_path: Path) -> None:
-    """A's run directories, and J's chain through its source's identity: a change here stops finished runs from being
-    reused (results/fashion-mnist-cpu names the runs of the previous identity), so it must be deliberate."""
-    a = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["A"], "cpu", tmp_path, {})}
+PINNED = {  # `auto` precision enters the identity as the machine's decision (fastmem/experiments/sweep.py)
+    "bf16": ({"random labels, full aug": "augmentfull-label_noise1.0-cafadb2167",
+              "random labels, no aug": "augmentnone-label_noise1.0-dc6e1ae2de",
+              "clean labels, full aug": "augmentfull-label_noise0.0-32e4140e3a"},
+             "augmentnone-epochs250-label_noise1.0-label_seed1-reinitstage4_head-32b0866867"),
+    "fp32": ({"random labels, full aug": "augmentfull-label_noise1.0-b5d23c4d04",
+              "random labels, no aug": "augmentnone-label_noise1.0-845e6e31e1",
+              "clean labels, full aug": "augmentfull-label_noise0.0-6c7b94372c"},
+             "augmentnone-epochs250-label_noise1.0-label_seed1-reinitstage4_head-1526c1f5cc"),
+}
+
+
+@pytest.mark.parametrize("decided", sorted(PINNED))
+def test_run_identities_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decided: str) -> None:
+    """A's run directories, and J's chain through its source's identity, on a machine whose `auto` decided `decided`:
+    a change here stops finished runs from being reused (results/fashion-mnist-cpu holds their evidence), so it must
+    be deliberate."""
+    from fastmem.cpu_precision import DECISION_ENV, CpuPrecisionChoice, cpu_precision_choice, machine_identity
+
+    monkeypatch.setenv(DECISION_ENV, CpuPrecisionChoice(decided, "test", machine_identity()).to_env())
+    cpu_precision_choice.cache_clear()
+    try:
+        a = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["A"], "cpu", tmp_path, {})}
+        j = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["J"], "cpu", tmp_path, {})}
+    finally:
+        cpu_precision_choice.cache_clear()
     # A's random-label runs at the cpu scale are the main job's (the same resolved config): one training serves both.
-    assert a == {"random labels, full aug": "augmentfull-label_noise1.0-d61193e240",
-                 "random labels, no aug": "augmentnone-label_noise1.0-f11ab5ebbb",
-                 "clean labels, full aug": "augmentfull-label_noise0.0-7b03b2c258"}
-    j = {r.variant.label: r.run_dir.name for r in plan_experiment(EXPERIMENTS["J"], "cpu", tmp_path, {})}
-    assert j["reset stage4,head"] == "augmentnone-epochs250-label_noise1.0-label_seed1-reinitstage4_head-4cb0f8e4ea"
+    assert a == PINNED[decided][0]
+    assert j["reset stage4,head"] == PINNED[decided][1]
 
 
 def _run_dirs(tmp_path: Path, overrides: dict) -> list[str]:

@@ -19,7 +19,8 @@ BASE = {"errors", "io_utils"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "io_utils": {"errors"},
-    "runtime": BASE,
+    "cpu_precision": BASE | {"models"},  # measures the cpu scale's own model
+    "runtime": BASE | {"cpu_precision"},
     "distributed": BASE,
     "data": BASE,
     "models": BASE,
@@ -29,8 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "probe": BASE | {"data", "pipelines", "models", "kernels", "runtime", "distributed", "run"},
     "train": BASE | {"data", "pipelines", "models", "kernels", "runtime", "distributed", "run", "probe"},
     "report": BASE | {"run"},
-    "experiments": BASE | {"data", "pipelines", "models", "kernels", "runtime", "distributed", "run", "probe", "train",
-                           "report"},
+    "experiments": BASE | {"data", "pipelines", "models", "kernels", "runtime", "cpu_precision", "distributed", "run",
+                           "probe", "train", "report"},
     "demo": {"experiments"},  # the `python -m fastmem.demo` entry point
     "__init__": set(),
 }

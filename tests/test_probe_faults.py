@@ -176,7 +176,7 @@ def test_the_format_version_and_backend_are_in_the_key(tmp_path: Path) -> None:
 
 
 def _entry(root: Path, layer: str) -> tuple[Path, Path, Path]:
-    sidecar = next(root.rglob(f"{layer}.gap.*.json"))
+    sidecar = next(root.rglob(f"{layer}.gap*.json"))
     return sidecar.with_suffix(".npy"), sidecar.with_suffix(".norms.npy"), sidecar
 
 
@@ -254,9 +254,11 @@ def test_a_damaged_entry_warns_naming_the_file_and_is_rebuilt(tmp_path: Path, mo
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, precision_flags: list[str]) -> Path:
+    """A one-epoch run in each of conftest's precisions; the probe CLI extracts in what the run recorded."""
     out = tmp_path_factory.mktemp("faults") / "run"
-    result = run_module("fastmem.train", *QUICK_RUN, "--epochs", "1", "--probe-every", "-1", "--out", str(out))
+    result = run_module("fastmem.train", *QUICK_RUN, *precision_flags, "--epochs", "1", "--probe-every", "-1",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 

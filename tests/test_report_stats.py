@@ -13,6 +13,7 @@ from conftest import run_module
 
 from fastmem.report.cells import cell, delta_entry, seed_entry
 from fastmem.report.intervals import paired_deltas
+from fastmem.report.layers import distinct_layers
 from fastmem.report.render import main, write_report
 from fastmem.run.metrics import RunRecords
 from fastmem.run.predictions import PREDICTIONS_DIR
@@ -65,24 +66,24 @@ def test_seeds_give_mean_and_sd_over_the_runs_by_hand(seeded_sweep: Path) -> Non
     report = (seeded_sweep / "A" / "report" / "report.md").read_text()
     results = _rows(report, "## Results (accuracy in %)")
     assert results["header"][:5] == ["seeds", "epochs", "fit (own labels)", "agree (true labels)", "stem"]
-    assert results["*untrained (epoch 0)*"][0] == "2"  # A's variants share their untrained networks: one row
+    assert results["*untrained, initial BN (epoch 0)*"][0] == "2"  # A's variants share their untrained networks: one row
     entries = _entries(seeded_sweep, LABEL)
     assert [seed for seed, _ in entries] == [0, 1]
     records = [RunRecords.read(run_dir) for _, run_dir in entries]
     queries = [int(r.probes[-1]["probe_queries"]) for r in records]
-    layers = records[0].layers
-    for layer in layers:  # accuracies are hits / queries
+    named = distinct_layers(records[0].layers)
+    for layer, shown in named:  # accuracies are hits / queries (h is named once: the pooled last block)
         finals = [round(r.final_knn(layer) * n) / n for r, n in zip(records, queries)]
-        assert results[LABEL][results["header"].index(layer)] == _sd_cell(finals), layer
+        assert results[LABEL][results["header"].index(shown)] == _sd_cell(finals), layer
         untrained = [round(r.untrained_knn(layer) * n) / n for r, n in zip(records, queries)]
-        assert results["*untrained (epoch 0)*"][results["header"].index(layer)] == _sd_cell(untrained), layer
+        assert results["*untrained, initial BN (epoch 0)*"][results["header"].index(shown)] == _sd_cell(untrained), layer
     assert results[LABEL][2] == _sd_cell([r.final_fit for r in records])
-    lifts = _rows(report, "## Lift over the untrained network (points)")
-    assert lifts["header"] == layers
-    for layer in layers:  # each seed's lift on its own queries: (hits at the end − hits at epoch 0) / queries
+    lifts = _rows(report, "## Lift over the untrained network, initial BN (points)")
+    assert lifts["header"] == [shown for _, shown in named]
+    for layer, shown in named:  # each seed's lift on its own queries: (hits at the end − hits at epoch 0) / queries
         per_seed = [(round(r.final_knn(layer) * n) - round(r.untrained_knn(layer) * n)) / n
                     for r, n in zip(records, queries)]
-        assert lifts[LABEL][lifts["header"].index(layer)] == _sd_cell(per_seed, signed=True), layer
+        assert lifts[LABEL][lifts["header"].index(shown)] == _sd_cell(per_seed, signed=True), layer
     assert "mean over seeds 0, 1 ± the seeds' sample standard deviation (sd)" in report
     assert "--seeds 2" in report and "| seed |" in report  # reproduce line; the runs table names each seed
     for png in ("final_per_layer.png", "lift_per_layer.png", "knn_vs_epoch.png", "fit_vs_epoch.png"):
@@ -96,21 +97,21 @@ def test_one_seed_gives_wilson_intervals_and_paired_lifts(seeded_sweep: Path, tm
     sweep_dir = _sub_sweep(seeded_sweep, tmp_path / "one", seed=1)
     assert main([str(sweep_dir)]) == 0
     report = (sweep_dir / "report" / "report.md").read_text()
-    assert "## Lift over the untrained network (points)" in capsys.readouterr().out  # the CLI prints both tables
+    assert "## Verdicts" in capsys.readouterr().out  # the CLI prints the results and the verdicts
     results = _rows(report, "## Results (accuracy in %)")
-    lifts = _rows(report, "## Lift over the untrained network (points)")
+    lifts = _rows(report, "## Lift over the untrained network, initial BN (points)")
     assert results["header"][0] == "epochs" and " sd" not in report.split("## Lift")[0]
     (_, run_dir), = [e for e in _entries(seeded_sweep, LABEL) if e[0] == 1]
     records = RunRecords.read(run_dir)
     final = records.final_probe_epoch
     deltas = paired_deltas(run_dir, final, run_dir, 0)
-    for layer in records.layers:
+    for layer, shown in distinct_layers(records.layers):
         n = int(records.probes[-1]["probe_queries"])
         interval = wilson_interval(round(records.final_knn(layer) * n), n)
-        assert results[LABEL][results["header"].index(layer)] == \
+        assert results[LABEL][results["header"].index(shown)] == \
             f"{100 * interval.estimate:.1f} ± {100 * interval.half_width:.1f}", layer
         lift = deltas[layer]
-        assert lifts[LABEL][lifts["header"].index(layer)] == \
+        assert lifts[LABEL][lifts["header"].index(shown)] == \
             f"{100 * lift.estimate:+.1f} [{100 * lift.low:+.1f}, {100 * lift.high:+.1f}]", layer
     assert f"95 % Wilson interval over the {n} test queries" in report
 
@@ -139,13 +140,13 @@ def test_runs_without_predictions_or_query_counts_still_render(seeded_sweep: Pat
     results = _rows(report, "## Results (accuracy in %)")
     assert "±" not in report.split("## Results")[1].split("## Final k-NN")[0] and "[" not in report.split("## Lift")[1].split("## ")[0]
     records = RunRecords.read(tmp_path / "runs" / Path(plan["runs"][0]["run_dir"]).name)
-    h = results["header"].index("h")
+    h = results["header"].index(dict(distinct_layers(records.layers))["h"])
     assert results[plan["runs"][0]["label"]][h] == f"{100 * records.final_knn('h'):.1f}"
-    lifts = _rows(report, "## Lift over the untrained network (points)")
-    assert lifts[plan["runs"][0]["label"]][lifts["header"].index("h")] == f"{100 * (records.final_knn('h') - records.untrained_knn('h')):+.1f}"
+    lifts = _rows(report, "## Lift over the untrained network, initial BN (points)")
+    assert lifts[plan["runs"][0]["label"]][lifts["header"].index(dict(distinct_layers(records.layers))["h"])] == f"{100 * (records.final_knn('h') - records.untrained_knn('h')):+.1f}"
     assert "no query counts or predictions (an older format)" in report
     assert "Bare values: runs that kept no per-query predictions" in report
-    untrained_rows = [line for line in report.splitlines() if line.startswith("| *untrained (epoch 0)* |")]
+    untrained_rows = [line for line in report.splitlines() if line.startswith("| *untrained, initial BN (epoch 0)* |")]
     assert len(untrained_rows) == 3 and "| 12.3 |" in untrained_rows[1]  # shared, the odd one, shared again
     assert "their untrained networks differ" in report
     assert ("reference = the first 200 training images of the data seed's order (fixed across N), with their true "

@@ -27,24 +27,26 @@ EPOCHS = 3
 # Mixup draws by (seed, epoch, step): a resume that numbered its steps wrongly would train other batches.
 RUN = ["--dataset", "fashion-mnist", "--subset", "1024", "--probe-subset", "200", "--batch-size", "32",
        "--model", "small_cnn", "--width", "0.25", "--bottleneck-dim", "64", "--mixup", "0.5", "--probe-every", "-1",
-       "--checkpoint-every", "10", "--progress", "false", "--device", "cpu", "--threads", "1", "--epochs", str(EPOCHS)]
+       "--checkpoint-every", "10", "--progress", "false", "--device", "cpu", "--threads", "1", "--epochs", str(EPOCHS),
+       "--precision", "fp32"]
 TIMING_KEYS = {"images_per_s", "seconds"}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, precision_flags: list[str]) -> tuple[Path, list[str]]:
+    """The whole run, in each of conftest's precisions, and those precision flags."""
     out = tmp_path_factory.mktemp("whole") / "run"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("XDG_CACHE_HOME", str(out.parent / "xdg-cache"))
-        result = run_module("fastmem.train", *RUN, "--out", str(out))
+        result = run_module("fastmem.train", *RUN, *precision_flags, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    return out
+    return out, precision_flags
 
 
-def _signal_during_epoch_2(out: Path, signum: int) -> subprocess.CompletedProcess[str]:
+def _signal_during_epoch_2(out: Path, signum: int, *flags: str) -> subprocess.CompletedProcess[str]:
     """Start a run, send `signum` as soon as epoch 1's record is written, wait for the run to exit."""
     env = {**os.environ, "FASTMEM_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "fastmem.train", *RUN, "--out", str(out)], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "fastmem.train", *RUN, *flags, "--out", str(out)], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -62,9 +64,10 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_ctrl_c_checkpoints_mid_epoch_and_the_resume_equals_the_uninterrupted_run(
-        tmp_path: Path, uninterrupted: Path) -> None:
+        tmp_path: Path, uninterrupted: tuple[Path, list[str]]) -> None:
+    uninterrupted, flags = uninterrupted
     out = tmp_path / "run"
-    stopped = _signal_during_epoch_2(out, signal.SIGINT)
+    stopped = _signal_during_epoch_2(out, signal.SIGINT, *flags)
     assert stopped.returncode == 130, stopped.stderr
     match = re.fullmatch(rf"fastmem: interrupted at epoch (\d+), step (\d+); checkpoint written; "
                          rf"resume with --resume {re.escape(str(out))}\n", stopped.stderr)

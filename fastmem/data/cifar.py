@@ -1,14 +1,17 @@
 """CIFAR-10 and CIFAR-100 from the standard python-pickle batches (directory or original .tar.gz).
 
 Owns locating the batches (--data-dir, $FASTMEM_DATA), unpickling them safely (a restricted
-Unpickler that admits only numpy's array-reconstruction globals, so a pickle can build dicts, lists,
-strings and numpy arrays but never call anything else: no code in a file is ever run), validating shapes and labels,
-converting CHW planes to NHWC, and a writer that produces the exact standard layout for tests.
+Unpickler that admits only numpy's array-reconstruction globals for plain numeric dtypes and the latin-1
+`_codecs.encode` that Python 3 writes bytes with, each through a checked stand-in, so a pickle can build
+dicts, lists, strings, bytes and numeric numpy arrays but never call anything else: no code in a file is
+ever run), validating shapes and labels, converting CHW planes to NHWC, and a writer that produces the
+exact standard layout for tests.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -49,7 +52,13 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 ROW_BYTES = 3 * 32 * 32
 
 _RECONSTRUCT: Callable[..., Any] = np.ndarray.__reduce__(np.zeros(1))[0]
+_FROMBUFFER: Callable[..., Any] = np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]  # how protocol 5 rebuilds arrays
+_SCALAR: Callable[..., Any] = np.int64(0).__reduce__()[0]
+_NUMERIC_KINDS = "biufc"  # bool, int, uint, float, complex: fixed-size values, never object references
 
+
+class DisallowedGlobal(pickle.UnpicklingError):
+    """A pickle referred to a global outside the allow-list, or called an allowed one outside its use."""
 
 
 class _NdarrayName:
@@ -57,30 +66,85 @@ class _NdarrayName:
     (calling numpy.ndarray itself would let a pickle allocate any size it names)."""
 
 
+def _numeric(dtype: Any, what: str) -> np.dtype:
+    """`dtype` (a dtype, or the type code numpy's pickles pass) if it is plain numeric; never object/void/str."""
+    resolved = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype) if isinstance(dtype, (str, bytes)) else None
+    if resolved is None or resolved.kind not in _NUMERIC_KINDS:
+        raise DisallowedGlobal(f"{what}({dtype!r})"[:100])
+    return resolved
+
+
 def _reconstruct_empty(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's `_reconstruct` as numpy's own pickles call it: an empty plain ndarray that BUILD then fills.
 
-    Anything else (a subclass, a non-empty shape that would allocate before any data is seen) is refused.
+    Anything else (a subclass, a non-numeric dtype, a non-empty shape that would allocate before any data is seen)
+    is refused.
     """
     if subtype is not _NdarrayName or not isinstance(shape, tuple) or shape != (0,):
-        raise DisallowedGlobal(f"numpy _reconstruct({subtype!r}, {shape!r})")
-    return _RECONSTRUCT(np.ndarray, (0,), dtype)
+        raise DisallowedGlobal(f"numpy _reconstruct({getattr(subtype, '__name__', subtype)!r}, {shape!r})"[:100])
+    return _RECONSTRUCT(np.ndarray, (0,), _numeric(dtype, "numpy _reconstruct"))
 
 
+def _plain_dtype(*args: Any) -> np.dtype:
+    """numpy.dtype as numpy pickles it, dtype(code, False, True), for plain numeric dtypes only."""
+    if len(args) != 3 or not isinstance(args[0], str) or not all(isinstance(a, bool) for a in args[1:]):
+        raise DisallowedGlobal(f"numpy.dtype{args!r}"[:100])
+    dtype = np.dtype(*args)
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise DisallowedGlobal(f"numpy.dtype{args!r}"[:100])
+    return dtype
+
+
+def _frombuffer_exact(buf: Any, dtype: Any, shape: Any, order: Any, *axis_order: Any) -> np.ndarray:
+    """numpy's protocol-5 `_frombuffer` for an in-band buffer of a plain numeric dtype that exactly fills `shape`."""
+    dtype = _numeric(dtype, "numpy _frombuffer")
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape) or len(shape) > 32:
+        raise pickle.UnpicklingError(f"numpy _frombuffer shape {shape!r}"[:100])
+    fits = isinstance(buf, (bytes, bytearray)) and len(buf) == math.prod(shape) * dtype.itemsize
+    if not fits or order not in ("C", "F", "K"):
+        raise pickle.UnpicklingError(f"numpy _frombuffer buffer does not fill {dtype} {shape} in order {order!r}"[:100])
+    return _FROMBUFFER(buf, dtype, shape, order, *axis_order)
+
+
+def _numeric_scalar(dtype: Any, data: Any) -> Any:
+    """numpy's `scalar(dtype, raw bytes)`, how a numpy number (e.g. an np.int64 label) pickles, numeric dtypes only."""
+    dtype = _numeric(dtype, "numpy scalar")
+    raw = data.encode("latin1") if isinstance(data, str) else data  # str: a Python 2 pickle read as latin-1
+    if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar data does not fit {dtype}")
+    return _SCALAR(dtype, raw)
+
+
+def _latin1_encode(*args: Any) -> bytes:
+    """_codecs.encode as Python 3 pickles non-empty bytes at protocols 0-2: encode(str, 'latin1'), nothing else."""
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+        raise DisallowedGlobal(f"_codecs.encode(..., {args[1:]!r})"[:100])
+    return args[0].encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """bytes as Python 3 pickles b'' at protocols 0-2: bytes() with no argument (bytes(n) would allocate n)."""
+    if args:
+        raise DisallowedGlobal("builtins.bytes with an argument")
+    return b""
+
+
+# Everything a CIFAR batch written by Python 2 or 3 (protocols 0-5, numpy 1.x `numpy.core` or 2.x `numpy._core`)
+# needs: numpy arrays and numbers of plain numeric dtypes, and bytes as protocols 0-2 write them.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_empty,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _reconstruct_empty for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer_exact for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): _numeric_scalar for core in ("core", "_core")},
     ("numpy", "ndarray"): _NdarrayName,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,  # the name protocols 0-2 write (fix_imports)
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
-class DisallowedGlobal(pickle.UnpicklingError):
-    """A pickle referred to a global outside the numpy-array allow-list."""
-
-
 class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the Python one: BUILD is overridable
-    """Unpickler that resolves only numpy's ndarray reconstruction globals, nothing else.
+    """Unpickler that resolves only the globals in _ALLOWED_GLOBALS, each to a checked stand-in, nothing else.
 
     A dtype's BUILD state must be the one numpy itself pickles for that dtype: a damaged state makes a
     dtype numpy cannot use (internal errors long after loading).
@@ -91,8 +155,9 @@ class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # t
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise DisallowedGlobal(f"{module}.{name}") from None
+        except (KeyError, TypeError):  # TypeError: a name pickled as something unhashable
+            label = f"{module}.{name}"
+            raise DisallowedGlobal((label if label.isprintable() else repr(label))[:100]) from None
 
     def load_build(self) -> None:
         state, target = self.stack[-1], self.stack[-2]
@@ -100,15 +165,29 @@ class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # t
             raise pickle.UnpicklingError(f"dtype {target} with a state numpy does not write: {state!r}"[:120])
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
+    def load_bytearray8(self) -> None:
+        """Protocol 5's in-band array buffer, refused before allocating when it claims more bytes than the file has."""
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self.blob_size:
+            raise pickle.UnpicklingError(f"a {length}-byte bytearray in a {self.blob_size}-byte pickle")
+        buffer = bytearray(length)
+        self.readinto(buffer)
+        self.append(buffer)
+
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    blob_size: int = 0  # the length of the pickle being read (safe_unpickle sets it)
 
 
 def safe_unpickle(blob: bytes, source: str) -> Any:
-    """Unpickle CIFAR batch bytes with only numpy array globals allowed; errors name `source`."""
+    """Unpickle CIFAR batch bytes with only numeric numpy arrays and latin-1 bytes allowed; errors name `source`."""
     try:
-        return _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
+        unpickler = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1")
+        unpickler.blob_size = len(blob)
+        return unpickler.load()
     except DisallowedGlobal as err:
-        fail(f"{source}: pickle refers to disallowed global {err} (only numpy arrays are allowed); not loading it")
+        fail(f"{source}: pickle refers to disallowed global {err} (only plain numeric numpy arrays are allowed); "
+             "not loading it")
     except Exception as err:  # noqa: BLE001 - any decoding failure means a corrupt or truncated file
         fail(f"{source}: corrupt or truncated pickle ({type(err).__name__}: {_one_line(err)})")
 

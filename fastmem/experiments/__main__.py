@@ -7,6 +7,7 @@ fastmem/experiments/cluster/); `status` shows where every run of a sweep stands.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -52,10 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-report", action="store_true", help="skip the report after the runs")
         sub.add_argument("--seeds", type=int, default=1, metavar="S",
                          help="every run for seeds 0…S-1 (seed and label_seed; S = 1: the spec's seeds, as --set gives)")
+        sub.add_argument("--only", default="", metavar="LABELS",
+                         help="only the variants whose label contains one of these comma-separated texts (and the "
+                              "runs they start from), e.g. --only 'n=10,n=20' (default: every variant)")
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bars (default: when stderr is a terminal)")
         if name == "run":
             add_cluster_arguments(sub)
+    export = commands.add_parser("export", help="copy the evidence of finished runs (configs, metrics, kept "
+                                               "predictions, baselines) and each experiment's plan into a folder to "
+                                               "commit, and render its report from that copy")
+    export.add_argument("out", metavar="OUT", help="the sweep's output folder (run's --out)")
+    export.add_argument("dest", metavar="DEST", help="where the evidence goes, e.g. results/fashion-mnist-cpu")
+    export.add_argument("experiments", nargs="*", metavar="ID", help="experiment id(s) (default: every one in OUT)")
     status = commands.add_parser("status", help="where every run of a sweep stands: state, job, requeues, last "
                                                 "metrics and log")
     status.add_argument("out", metavar="OUT", help="the sweep's output folder (run's --out)")
@@ -84,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         list_experiments()
         return 0
+    if args.command == "export":
+        return export_evidence(Path(args.out), Path(args.dest), args.experiments)
     if args.command == "status":
         from fastmem.experiments.cluster.status import status_report
 
@@ -110,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_submitit("local")
     out = Path(args.out) if options.executor == "inline" else Path(args.out).absolute()  # jobs may start elsewhere
     plans = {e.id: plan_experiment(e, args.scale, out, overrides, seeds=args.seeds) for e in experiments}
-    runs = [run for plan in plans.values() for run in plan]
+    selected = {eid: only_variants(plan, args.only) for eid, plan in plans.items()} if args.only else plans
+    runs = [run for plan in selected.values() for run in plan]  # sweep.json keeps every run of the plan
     # every run of every experiment, before any starts (Slurm's runs: their device is checked where they run)
     validate_plan(runs, devices_here=options.executor != "slurm")
     if args.command == "show":
@@ -118,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(SCALE_NOTES[args.scale])
         for experiment in experiments:
             print(f"experiment {experiment.id}: {experiment.title}")
-            for run in plans[experiment.id]:
+            for run in selected[experiment.id]:
                 state = "finished" if run.finished else ("interrupted" if (run.run_dir / "config.json").exists() else "new")
                 seed = f" (seed {run.seed})" if args.seeds > 1 else ""
                 print(f"  {run.variant.label}{seed} [{state}]\n    {' '.join(train_command(run, run.config.threads))}")
@@ -126,7 +139,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     with hold_sweep_lock(out):  # one sweep runner per output folder
         if options.executor == "inline":
             return run_experiments(args, out, experiments, plans, runs)
-        return run_on_cluster(args, options, out, experiments, plans)
+        return run_on_cluster(args, options, out, experiments, plans, selected)
+
+
+def only_variants(plan: Sequence[PlannedRun], only: str) -> list[PlannedRun]:
+    """The runs of `plan` whose variant label contains one of `only`'s comma-separated texts, with their sources."""
+    wanted = [text.strip() for text in only.split(",") if text.strip()]
+    chosen = [run for run in plan if any(text in run.variant.label for text in wanted)]
+    if not chosen:
+        labels = sorted({run.variant.label for run in plan})
+        fail(f"--only {only!r} matches no variant; the variants are: {'; '.join(labels)}")
+    sources = {run.source_dir for run in chosen if run.source_dir is not None}
+    return [run for run in plan if run in chosen or run.run_dir in sources]
+
+
+def export_evidence(out: Path, dest: Path, ids: Sequence[str]) -> int:
+    """`export`: each experiment's finished runs and plan into DEST, and its report rendered from DEST alone."""
+    from fastmem.experiments.baselines import ensure_calibrated_baselines
+    from fastmem.experiments.evidence import evidence_bytes, export_sweep
+    from fastmem.report.render import write_report
+
+    names = [i.upper() for i in ids] or sorted(p.parent.name for p in out.glob("*/sweep.json"))
+    if not names:
+        fail(f"{out}: no experiment folders (no */sweep.json); run python -m fastmem.experiments run first")
+    for name in names:
+        sweep_dir = out / name
+        if not (sweep_dir / "sweep.json").is_file():
+            fail(f"{sweep_dir}: no sweep.json; known here: {', '.join(p.parent.name for p in out.glob('*/sweep.json'))}")
+        plan = json.loads((sweep_dir / "sweep.json").read_text())
+        ensure_calibrated_baselines([(sweep_dir / e["run_dir"]).resolve() for e in plan["runs"]])
+        target = export_sweep(sweep_dir, dest)
+        print(f"{name}: {write_report(target, target)}")
+    print(f"evidence in {dest}: {evidence_bytes(dest) / 2**20:.1f} MiB")
+    return 0
 
 
 def run_experiments(args: argparse.Namespace, out: Path, experiments: Sequence[Experiment],
@@ -150,14 +195,17 @@ def finish(args: argparse.Namespace, rows: Sequence[Mapping[str, object]], sweep
     """The summary table, the time taken and the reports: the end of every executor's run."""
     print(f"\n{summary_table(rows)}\n\ntook {(time.perf_counter() - started) / 60:.1f} min")
     if not args.no_report:
+        from fastmem.experiments.baselines import ensure_calibrated_baselines
         from fastmem.report.render import write_report
+
+        ensure_calibrated_baselines([row["run"].run_dir for row in rows])  # type: ignore[attr-defined]
 
         for sweep_dir in sweep_dirs:
             print(f"report: {write_report(sweep_dir, sweep_dir / 'report')}")
 
 
 def run_on_cluster(args: argparse.Namespace, options: ClusterOptions, out: Path, experiments: Sequence[Experiment],
-                   plans: Mapping[str, Sequence[PlannedRun]]) -> int:
+                   plans: Mapping[str, Sequence[PlannedRun]], selected: Mapping[str, Sequence[PlannedRun]]) -> int:
     """Write the plans and submit what is missing through submitit; with --wait (local: always) follow the jobs,
     then print the summary and write the reports as the inline runner does."""
     from fastmem.experiments.cluster.submit import run_on_cluster as submit_and_watch
@@ -165,11 +213,11 @@ def run_on_cluster(args: argparse.Namespace, options: ClusterOptions, out: Path,
 
     sweep_dirs = [write_plan(e, args.scale, out, plans[e.id]) for e in experiments]
     started = time.perf_counter()
-    unique = unique_runs(plans)
+    unique = unique_runs(selected)
     print(f"experiments {', '.join(plans)} at scale {args.scale}: {len(unique)} runs in {out / 'runs'}, "
           f"through {options.executor}", flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    outcome = submit_and_watch(out, plans, options, args.jobs, progress)
+    outcome = submit_and_watch(out, selected, options, args.jobs, progress)
     if outcome is None:
         print(f"\nwatch: python -m fastmem.experiments status {out}\ncollect: the same run command with --wait "
               f"(it submits nothing twice), or python -m fastmem.report {out}/<ID> once they are done")

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastmem.cpu_precision import cpu_precision_choice
 from fastmem.errors import fail, run_cli
+from fastmem.experiments.baselines import ensure_calibrated_baselines
+from fastmem.experiments.claims import claims_for
 from fastmem.experiments.specs import MAIN_JOB, SCALE_BASE
 from fastmem.experiments.sweep import PlannedRun, hold_sweep_lock, plan_experiment, run_plan, validate_plan
 from fastmem.io_utils import atomic_path, write_json_atomic
@@ -41,6 +44,14 @@ def _resolved_precision(run_dir: Path) -> dict[str, str]:
     """What `--precision auto` chose for the run, and why (config.json's `resolved`)."""
     resolved = json.loads((run_dir / "config.json").read_text()).get("resolved", {})
     return {k: resolved[k] for k in ("precision", "precision_reason") if k in resolved}
+
+
+def planned_precision_reason(run: PlannedRun) -> str:
+    """The precision the runs will train in and why, before any of them starts (one decision for all)."""
+    config = run.config
+    if config.precision == "auto" and config.device == "cpu":
+        return cpu_precision_choice().reason
+    return f"{config.precision}: as requested"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate_plan(runs)  # bad knobs or missing data fail here, before anything is written
     started = time.perf_counter()
     print(f"main job ({MAIN_JOB.id} at scale {SCALE}): {len(runs)} runs in {out / 'runs'}", flush=True)
+    print(f"precision: {planned_precision_reason(runs[0])}", flush=True)
     with hold_sweep_lock(out):  # one main job per output folder at a time
         earlier = earlier_runs(out, runs)
         if earlier:
@@ -115,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     grouped: dict[str, list[tuple[int, Path]]] = {}
     for run in runs:
         grouped.setdefault(run.variant.label, []).append((run.seed, run.run_dir))
-    payload = summary_payload(MainJobFigures.read(grouped))
+    ensure_calibrated_baselines([run.run_dir for run in runs])  # the second untrained baseline (BN calibrated)
+    payload = summary_payload(MainJobFigures.read(grouped, claims_for(MAIN_JOB.id, SCALE)))
     table = summary_table(payload)
     claims = claims_text(payload)
     first_seed = {label: RunRecords.read(entries[0][1]) for label, entries in grouped.items()}

@@ -127,7 +127,11 @@ def _d(scale: str) -> list[Variant]:
 
 def _e(scale: str) -> list[Variant]:
     ns = _pick(scale, [1, 4], [1, 2, 5, 10, 20], [1, 2, 5, 10, 20, 50, 100])
-    return [Variant(f"n={n}, label per view", {**RANDOM, "augment": f"fullfixed:{n}:random"}, value=n) for n in ns]
+    per_view = [Variant(f"n={n}, label per view", {**RANDOM, "augment": f"fullfixed:{n}:random"}, value=n) for n in ns]
+    # The control (PROTOCOL E): C's one label per image at the same n, images, seed and steps (C's very runs).
+    controls = _pick(scale, [4], [10, 20], [20, 100])
+    return per_view + [Variant(f"n={n}, label per image (C)", {**RANDOM, "augment": f"fullfixed:{n}:same"}, value=n,
+                               group="control: label per image") for n in controls]
 
 
 def _f(scale: str) -> list[Variant]:
@@ -147,14 +151,26 @@ def _f(scale: str) -> list[Variant]:
         base_value = (base[knob] or 50000) if knob == "subset" else base[knob]  # subset 0 = all of CIFAR's 50k
         variants.append(Variant(label.format(base_value), aug, value=base_value, group=group))
         variants += [Variant(label.format(v), {**aug, knob: v}, value=v, group=group) for v in values]
+    # The data-size axis at equal optimizer steps (PROTOCOL F): the base run's steps, whatever N (last batch dropped).
+    base_n = base["subset"] or 50000
+    steps = (base_n // base["batch_size"]) * base["epochs"]
+    for n in axes[1][2]:
+        epochs = max(1, round(steps / max(1, n // base["batch_size"])))
+        variants.append(Variant(f"N={n}, equal steps", {**aug, "subset": n, "epochs": epochs,
+                                                        "probe_every": max(base["probe_every"], epochs // 10)},
+                                value=n, group="training images N at equal steps"))
     return variants + [dataclasses.replace(CLEAN, knobs={**CLEAN.knobs, "probe_reference": aug["probe_reference"]})]
 
 
 def _g(scale: str) -> list[Variant]:
-    ms = _pick(scale, [2], [1, 5, 10], [1, 2, 5, 10])
+    # m large enough that the images cannot be memorized one by one (Fashion-MNIST allows m = 25 disjoint pools at
+    # N = 2,000), and every load drawn from all of the class's images outside the subset (m = all, shared pools).
+    ms = _pick(scale, [2], [10, 25], [1, 2, 5, 10])
     same_image = Variant("the image itself (no aug)", {**RANDOM, "augment": "none"}, value=0)
-    return [same_image] + [Variant(f"m={m} same-class images", {**RANDOM, "augment": "none", "iid_views": m}, value=m)
-                           for m in ms]
+    disjoint = [Variant(f"m={m} same-class images", {**RANDOM, "augment": "none", "iid_views": m}, value=m)
+                for m in ms]
+    shared = Variant("m=all (shared class pool)", {**RANDOM, "augment": "none", "iid_views": -1}, value=float("inf"))
+    return [same_image, *disjoint, shared]
 
 
 def _h(scale: str) -> list[Variant]:
@@ -204,97 +220,44 @@ MAIN_JOB = Experiment(
 EXPERIMENTS: dict[str, Experiment] = {e.id: e for e in [
     Experiment("A", "random labels ± augmentation", "augment ∈ {full, none}, label_noise 1",
                "with augmentation k-NN stays far above the untrained probe; without it the late layers collapse", _a,
-               notes={"cpu": "Claims at this scale (3 seeds, paired 95 % intervals over the 10,000 queries, per seed): "
-                      "benign — holds: with full augmentation h ends +6.2 ± 0.8 sd points above each seed's untrained "
-                      "network (seeds +6.5 [+5.6, +7.4], +5.3 [+4.4, +6.2], +6.8 [+5.9, +7.7]), stage2 +5.7 ± 2.4 sd "
-                      "(every seed's interval above 0), while the labels are not fit (20.9 %); malign — holds: without "
-                      "augmentation the labels are fit (100 %), z collapses to 11.9 % and h ends 13.0 ± 1.3 sd points "
-                      "below the untrained network (every seed's interval below 0); clean labels lift h by 15.5 points, "
-                      "so random labels with augmentation learn about 40 % of what the true labels teach at h."}),
+               notes={"cpu": "Verdicts are computed from the runs (fastmem/experiments/claims.py); 3 seeds."}),
     Experiment("B", "layer-wise probe", "augment ∈ {none, standard, full}; every probe point",
                "only the last layers lose k-NN accuracy", _b,
-               notes={"cpu": "Claims at this scale (2 seeds, mean ± sd over seeds; paired 95 % intervals over the 10,000 "
-                      "queries per seed): only the last layers lose k-NN — partly holds: without augmentation the loss "
-                      "grows toward the output (stage2 −3.3 ± 0.3, h −12.9 ± 1.9, z −47.0 ± 1.4; every seed's interval "
-                      "below 0) but no layer stays at the untrained level; standard augmentation (crop + flip) still "
-                      "fits the labels (98.0 ± 0.8 %) and collapses z (−43.1 ± 1.5) yet lifts h +3.2 ± 0.6 (seeds "
-                      "+3.6 [+2.6, +4.6], +2.7 [+1.8, +3.6]); full augmentation does not fit them (21.7 %) and lifts "
-                      "stage1–head_hidden (h +5.9 ± 0.8, every seed's interval above 0)."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds."}),
 Experiment("C", "number of fixed views n", "augment fullfixed:n:same, n ∈ scale's list, plus full (n=∞)",
                "larger n: better k-NN, harder to fit the random labels", _c, x_label="views per image n",
                plots=("tradeoff",),
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): harder to "
-                      "fit with larger n — holds: fit 99.8 / 99.8 / 99.4 / 84.8 / 21.8 % at n = 1 / 2 / 5 / 20 / ∞; "
-                      "better k-NN with larger n — holds only at n = ∞: every finite n is memorized malignly within "
-                      "500 epochs (h −9.0 / −10.1 / −11.3 / −8.5 points below the untrained network, each interval "
-                      "about ±1), while the full set lifts h +6.5 [+5.6, +7.4]."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds. Within 500 epochs every finite n may still be "
+                      "memorized."}),
     Experiment("D", "augmentation strength", "augment strength:a (RandAugment) and the named sets",
                "the same trade-off as C: stronger augmentation, better features, harder fit", _d,
                x_label="RandAugment strength a", plots=("tradeoff",),
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): harder to "
-                      "fit with stronger augmentation — holds: fit 98.4 / 74.9 / 24.1 % at RandAugment a = 0.25 / 0.5 "
-                      "/ 1 (100 % without augmentation); better features — partly: h rises from −11.6 (none) to −6.4 "
-                      "[−7.4, −5.5] and −1.9 [−2.8, −1.0] at a = 0.25 / 0.5 and rises no further at a = 1 (−3.5 "
-                      "[−4.5, −2.6]), so RandAugment alone never lifts h above the untrained network within 500 epochs (only "
-                      "stage1 does, +2.5 [+1.6, +3.5] at a = 1); the named sets do: standard +3.6 [+2.6, +4.6], full "
-                      "+6.5 [+5.6, +7.4]."}),
+               notes={"cpu": "Verdicts are computed from the runs; 2 seeds."}),
     Experiment("E", "random label per view", "augment fullfixed:n:random (one label per view)",
                "fitting fails as N·n grows (capacity)", _e, x_label="views per image n", plots=("fit_vs_views",),
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): fitting "
-                      "fails as N·n grows — holds: with a random label per view the fit is 99.9 / 99.7 / 99.7 / 98.7 / "
-                      "82.1 % at n = 1 / 2 / 5 / 10 / 20 (N·n = 2,000 … 40,000 labelled views, 500 epochs); every n "
-                      "is memorized malignly: h ends −9.3 [−10.3, −8.4] / −9.8 / −10.6 / −12.2 / −12.7 [−13.7, −11.7] "
-                      "points below the untrained network (each interval about ±1) and z collapses (−39 to −47), "
-                      "where one label per image with the full set lifts h +6.5 [+5.6, +7.4]."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds. The control is C's label-per-image run at "
+                      "the same n and steps."}),
     Experiment("F", "capacity", "projector width B, training images N, encoder width",
                "wide heads memorize; fewer samples are memorized more malignly", _f, plots=("capacity",),
-               notes={"cpu": "Claims at this scale (seed 0, one 8,000-image probe reference and the same 10,000 "
-                      "queries for every variant, 500 epochs each, paired 95 % intervals over the queries): wide heads "
-                      "memorize — not seen within 500 epochs: the fit is 17.7 / 19.7 / 21.8 / 18.8 % at B = 0 / 512 / "
-                      "4,096 / 16,384, while a wider encoder fits more (16.4 / 21.8 / 28.2 % at width × 0.25 / 0.5 / "
-                      "1); without a projector (B = 0) h gains nothing (+0.2 [−0.7, +1.0]) though stage2 does (+6.2 "
-                      "[+5.3, +7.0]), with one h lifts +4.5 to +5.2. Fewer samples memorized more malignly — not as "
-                      "stated: fewer samples lift less (h +3.0 [+2.2, +3.9] / +5.2 [+4.4, +6.0] / +6.6 [+5.8, +7.4] "
-                      "at N = 500 / 2,000 / 8,000; N = 500 also takes a quarter of the steps) but no N ends below the "
-                      "untrained network, and none fits its labels (16–22 %). Clean labels lift h +12.0 here."}),
+               notes={"cpu": "Verdicts are computed from the runs; 2 seeds. One 8,000-image probe reference and the same queries for "
+                      "every variant; the data-size axis also at equal optimizer steps."}),
     Experiment("G", "i.i.d. views", "iid_views m: each load shows one of m other real images of the same true class",
                "strong features despite random labels", _g, x_label="same-class images per anchor m",
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): strong "
-                      "features despite random labels — does not hold: with m = 1 / 5 / 10 same-class images per "
-                      "anchor the random labels are still fit (100 % each) and h ends below the untrained network "
-                      "(−9.6 [−10.6, −8.6] / −11.4 [−12.4, −10.4] / −14.2 [−15.2, −13.1]), as without augmentation "
-                      "(−11.6); no layer from stage1 on lifts. At most 20,000 distinct images per run are few enough "
-                      "to memorize one by one; full augmentation on the same anchors lifts h +6.5 [+5.6, +7.4]."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds. Judged only where the runs do not fit their labels one "
+                      "by one."}),
     Experiment("H", "partial label noise", "label_noise p ∈ [0, 1], full aug",
                "between the clean and the random-label runs", _h, x_label="label noise p", plots=("tradeoff",),
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): between "
-                      "clean and random — holds, monotone at every layer from stage2 on: h lifts over the untrained "
-                      "network by +15.2 / +13.6 / +11.4 / +8.7 / +6.5 points at p = 0 / 0.25 / 0.5 / 0.75 / 1 (every "
-                      "interval about ±0.9), z by +27.4 / +24.3 / +19.9 / +6.3 / −3.5; the fit of the noisy labels "
-                      "falls from 79.3 to 21.8 %."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds."}),
     Experiment("I", "mixup", "mixup p=0.8 (label kept) and cutmix p=0.8, no aug",
                "to be measured", _i,
-               notes={"cpu": "Measured at this scale (seed 0, paired 95 % intervals over the 10,000 queries): malign. "
-                      "Mixup / CutMix alone (p = 0.8, no augmentation) slow the fit (55.7 / 63.8 % after 500 epochs, "
-                      "100 % without them) but every layer from stage2 on ends below the untrained network: h −8.0 "
-                      "[−9.0, −7.0] / −9.8 [−10.9, −8.8] (no mixing −11.6), z collapses to 11.3 / 12.2 %."}),
+               notes={"cpu": "Verdicts are computed from the runs; 2 seeds."}),
     Experiment("J", "re-initialize the last layers", "reinit of the last block(s) and/or the head of a trained "
                "random-label network, retrained on new random labels without augmentation",
                "the earlier layers keep the features", _j, x_label="blocks reset",
-               notes={"cpu": "Claims at this scale (seed 0, paired 95 % intervals over the 10,000 queries): the "
-                      "earlier layers keep the features — holds: retrained for 250 epochs on new random labels without "
-                      "augmentation, every run fits them (100 %), yet starting from the full-augmentation run with the "
-                      "head / stage4 + head / stage3–4 + head reset, stage2 ends +4.4 [+3.5, +5.4] / +5.5 [+4.6, +6.4] "
-                      "/ +5.5 [+4.6, +6.5] and h +3.5 [+2.6, +4.5] / +4.5 [+3.6, +5.5] / +0.7 [−0.2, +1.6] points "
-                      "above the untrained network, 1.1–2.5 points below the source at stage2–3, and h +11.6 to +15.4 above "
-                      "the same retraining from scratch (h −10.9 [−11.9, −9.9] below the untrained network); z "
-                      "collapses in every run (−47 to −49)."}),
+               notes={"cpu": "Verdicts are computed from the runs; 3 seeds."}),
     Experiment("K", "clean-label and untrained baselines", "label_noise 0 with full and no aug; the epoch-0 probe",
                "the bounds the other experiments are read against", _k,
-               notes={"cpu": "The bounds at this scale (2 seeds, mean ± sd over seeds; paired 95 % intervals per seed): "
-                      "clean labels lift h over the untrained network by +15.2 ± 0.0 points with full augmentation "
-                      "(seed 0: +15.2 [+14.4, +16.1]) and +11.5 ± 0.2 without (seeds +11.6 [+10.8, +12.5], +11.4 "
-                      "[+10.5, +12.2]); the untrained network gives h 71.4 ± 0.2 %."}),
+               notes={"cpu": "Verdicts are computed from the runs; 2 seeds."}),
 ]}
 
 # What `show` and `run` accept by id: the protocol's A–K (`all`) and the main job.

@@ -38,6 +38,7 @@ from typing import Any
 
 from fastmem import __version__
 from fastmem.errors import FastmemError, fail
+from fastmem.experiments.claims import claims_for
 from fastmem.experiments.specs import SCALE_BASE, SCALES, SPECS, Experiment, Variant
 from fastmem.io_utils import write_json_atomic
 from fastmem.run.config import EXECUTION_KNOBS, TrainConfig, knob_type, load_run_config
@@ -100,10 +101,33 @@ def run_identity(config: TrainConfig, source_identity: str | None = None) -> str
     `source_identity`: the identity of the run whose checkpoint `init_from` names (J), in place of its path.
     """
     knobs = identity_knobs(config)
+    knobs["precision"] = precision_identity(config)
     if source_identity is not None:
         knobs["init_from"] = source_identity
     payload = {"format": RUN_FORMAT, "knobs": knobs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def precision_identity(config: TrainConfig) -> str:
+    """The precision a run trains in, as its identity sees it: `auto` on a CPU is this machine's decision.
+
+    So a sweep folder continued on a machine that decides otherwise plans new runs instead of mixing
+    precisions among its results. ('auto:bf16', 'auto:fp32'; other values as they are.)
+    """
+    if config.precision == "auto" and config.device == "cpu":
+        from fastmem.cpu_precision import cpu_precision_choice
+
+        return f"auto:{cpu_precision_choice().name}"
+    return config.precision
+
+
+def precision_handover(runs: Sequence[PlannedRun]) -> dict[str, str]:
+    """The environment that hands this process's `auto` CPU decision to the runs it launches (decided once)."""
+    from fastmem.cpu_precision import DECISION_ENV, cpu_precision_choice
+
+    if any(run.config.precision == "auto" and run.config.device == "cpu" for run in runs):
+        return {DECISION_ENV: cpu_precision_choice().to_env()}
+    return {}
 
 
 def _slug(variant_knobs: Mapping[str, Any]) -> str:
@@ -229,6 +253,7 @@ def write_plan(experiment: Experiment, scale: str, out: Path, runs: Sequence[Pla
         "expectation": experiment.expectation, "scale": scale, "x_label": experiment.x_label,
         "plots": list(experiment.plots), "note": experiment.notes.get(scale, ""),
         "seeds": len({r.seed for r in runs}),
+        "claims": [claim.to_dict() for claim in claims_for(experiment.id, scale)],  # judged by the report
         "runs": [{"label": r.variant.label, "role": r.variant.role, "value": r.variant.value, "group": r.variant.group,
                   "run_dir": os.path.relpath(r.run_dir, sweep_dir), "knobs": dict(r.variant.knobs),
                   "init_from": r.variant.init_from, "seed": r.seed, "epochs": r.config.epochs} for r in runs],
@@ -333,6 +358,7 @@ def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int, threads: int | No
         threads = max(1, (os.cpu_count() or 1) // slots)
     running: list[_Job] = []
     done_count = 0
+    handover = precision_handover(pending)  # every run of the sweep trains in one decided precision
 
     def stop_all(signum: int, frame: Any) -> None:
         for job in running:
@@ -351,7 +377,7 @@ def run_plan(runs: Sequence[PlannedRun], jobs: int, gpus: int, threads: int | No
                 pending.remove(run)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 slot = free.pop(0)
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", **handover}
                 if gpus > 1:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot)
                 resumed = (run.run_dir / "config.json").exists()

@@ -20,7 +20,7 @@ from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
 from fastmem.models import create_model
 from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fastmem.run.config import TrainConfig, load_run_config
+from fastmem.run.config import TrainConfig, load_resolved, load_run_config
 from fastmem.run.lock import hold_run_lock, remove_stale_temps
 from fastmem.run.stats import wilson_interval
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-subset", type=int, default=None, help="test images as queries (default: the run's)")
     parser.add_argument("--project-dim", type=int, default=0, help="random-project wider layers to this dim (0 = exact)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for extraction")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="autocast for extraction (default: what the run trained in, from its config.json; "
+                             "auto where it records none or ran on another device)")
     parser.add_argument("--knn-backend", default="auto", choices=BACKENDS, help="k-NN kernels")
     parser.add_argument("--extract-backend", default="eager", choices=EXTRACT_BACKENDS,
                         help="embedding extraction: eager, or trt (a torch-tensorrt engine cached beside the checkpoint; "
@@ -88,6 +90,14 @@ def probe_run(args: argparse.Namespace) -> int:
         return _probe(args, run_dir, cfg, cache_dir)
 
 
+def run_precision(run_dir: Path, device: torch.device, asked: str | None) -> str | None:
+    """The precision the run recorded (config.json's `resolved`) when none is asked and the device is the same."""
+    recorded = load_resolved(run_dir)
+    if asked is None and recorded.get("device") == device.type and recorded.get("precision") in ("bf16", "fp32"):
+        return str(recorded["precision"])
+    return None
+
+
 def _lock_domains(run_dir: Path, cache_dir: Path | None) -> list[Path]:
     """The run directory, and the cache directory too when it lies outside it."""
     if cache_dir is None or cache_dir.resolve().is_relative_to(run_dir.resolve()):
@@ -97,7 +107,7 @@ def _lock_domains(run_dir: Path, cache_dir: Path | None) -> list[Path]:
 
 def _probe(args: argparse.Namespace, run_dir: Path, cfg: TrainConfig, cache_dir: Path | None) -> int:
     device = rank_device(resolve_device(args.device))
-    dtype = resolve_precision(args.precision, device)
+    dtype = resolve_precision(args.precision or "auto", device, run_precision(run_dir, device, args.precision))
     if args.extract_batch_size < 1:
         fail(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,

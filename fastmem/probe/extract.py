@@ -61,10 +61,6 @@ class ExtractionConfig:
                    project_dim=max(project_dim, 0), project_seed=project_seed, backend="trt" if trt else "eager",
                    batch_size=batch_size, device=device.type)
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return None if self.precision == "float32" else getattr(torch, self.precision)
-
     def reduction(self) -> str:
         """A readable summary for file names: 'gap' or 'gap-rp<dim>-s<seed>', then precision and backend."""
         precision = "" if self.precision == "float32" else "-" + self.precision

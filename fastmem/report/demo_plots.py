@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fastmem.report.figures import save_figure  # noqa: E402
+from fastmem.report.main_job import CALIBRATED  # noqa: E402
 from fastmem.run.metrics import RunRecords  # noqa: E402
 
 
@@ -46,14 +47,21 @@ def plot_benign_vs_malign(runs: Mapping[str, RunRecords], path: str | Path, titl
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if payload is not None:
         rows = payload["layers"]
-        centres, bars = _error_bars([rows.get(n, {}).get("untrained") for n in layers])
-        axes[0].errorbar(layers, centres, yerr=bars, fmt="k--o", capsize=3, label="untrained (epoch 0)")
+        keys = list(rows)  # one entry per distinct probe point (h stands for the last stage too)
+        names = [payload.get("layer_names", {}).get(n, n) for n in keys]
+        centres, bars = _error_bars([rows[n].get("untrained") for n in keys])
+        axes[0].errorbar(names, centres, yerr=bars, fmt="k--o", capsize=3, label="untrained, initial BN (epoch 0)")
+        if any(CALIBRATED in rows[n] for n in keys):
+            centres, bars = _error_bars([rows[n].get(CALIBRATED) for n in keys])
+            axes[0].errorbar(names, centres, yerr=bars, fmt="--s", color="grey", capsize=3,
+                             label="untrained, BN calibrated")
         for colour, label in zip(colours, runs):
-            centres, bars = _error_bars([rows.get(n, {}).get(label) for n in layers])
-            axes[0].errorbar(layers, centres, yerr=bars, fmt="-o", color=colour, capsize=3,
+            centres, bars = _error_bars([rows[n].get(label) for n in keys])
+            axes[0].errorbar(names, centres, yerr=bars, fmt="-o", color=colour, capsize=3,
                              label=f"{label} (epoch {runs[label].final_probe_epoch})")
             if len(payload.get("seeds", [])) > 1:  # every seed's point beside the mean
-                points = [(n, 100 * p["value"]) for n in layers for p in (rows.get(n, {}).get(label) or {}).get("per_seed", [])]
+                points = [(name, 100 * p["value"]) for n, name in zip(keys, names)
+                          for p in (rows[n].get(label) or {}).get("per_seed", [])]
                 axes[0].plot([n for n, _ in points], [v for _, v in points], ".", color=colour, alpha=0.5)
     else:
         untrained = first.untrained

@@ -25,6 +25,8 @@ from fastmem.report.figures import (
     plot_lift_per_layer,
     plot_tradeoff,
 )
+from fastmem.report.judge import Claim, RunView, judge_all
+from fastmem.report.layers import distinct_layers
 from fastmem.report.variants import SweepRun, VariantRuns, group_runs, shared_untrained
 from fastmem.run.config import TrainConfig
 from fastmem.run.metrics import RunRecords
@@ -69,20 +71,30 @@ def _name(variant: VariantRuns) -> str:
     return f"*{variant.label}*" if variant.role == "clean" else variant.label
 
 
+def _layers(variants: Sequence[VariantRuns]) -> list[tuple[str, str]]:
+    return distinct_layers(next((v.layers for v in variants if v.layers), []))
+
+
 def results_table(variants: Sequence[VariantRuns]) -> str:
     """Per variant: epochs, fit of its labels, agreement with the true labels, final k-NN per probe point (± half the
-    95 % interval with one seed, ± sd over several). An *untrained (epoch 0)* row precedes the variants whose
-    untrained network it is (one row when all share it)."""
-    layers = next((v.layers for v in variants if v.layers), [])
+    95 % interval with one seed, ± sd over several). The untrained rows precede the variants whose untrained network
+    they are (one pair when all share it): *untrained, initial BN (epoch 0)*, the run's epoch-0 probe, and *untrained,
+    BN calibrated*, the same weights with BatchNorm statistics estimated on the training images."""
+    named = _layers(variants)
+    layers = [name for name, _ in named]
     seeds = _several_seeds(variants)
     head = "| run | " + ("seeds | " if seeds else "") + "epochs | fit (own labels) | agree (true labels) | "
-    lines = [head + " | ".join(layers) + " |", "|" + "---|" * (4 + seeds + len(layers))]
+    lines = [head + " | ".join(shown for _, shown in named) + " |", "|" + "---|" * (4 + seeds + len(layers))]
     shown: tuple[Any, ...] = ()
     for variant in variants:
         signature = variant.untrained_signature
         if signature and signature != shown:
-            lines.append("| *untrained (epoch 0)* | " + (f"{len(variant.probed)} | " if seeds else "") + "0 | – | – | "
+            count = f"{len(variant.probed)} | " if seeds else ""
+            lines.append("| *untrained, initial BN (epoch 0)* | " + count + "0 | – | – | "
                          + " | ".join(cell(variant.untrained(n)) for n in layers) + " |")
+            if any(variant.calibrated(n) for n in layers):
+                lines.append("| *untrained, BN calibrated* | " + count + "0 | – | – | "
+                             + " | ".join(cell(variant.calibrated(n)) for n in layers) + " |")
             shown = signature
         lines.append(f"| {_name(variant)} | " + (f"{len(variant.runs)} | " if seeds else "")
                      + f"{_epochs(variant)} | {cell(variant.fit)} | {cell(variant.agree)} | "
@@ -90,15 +102,41 @@ def results_table(variants: Sequence[VariantRuns]) -> str:
     return "\n".join(lines)
 
 
-def lift_table(variants: Sequence[VariantRuns]) -> str:
-    """Per variant and probe point: final − untrained accuracy of the same run (epoch 0, same queries), in points,
-    with the paired bootstrap 95 % interval (one seed) or ± the seeds' sd (several)."""
-    layers = next((v.layers for v in variants if v.layers), [])
-    lines = ["| run | " + " | ".join(layers) + " |", "|" + "---|" * (1 + len(layers))]
+def lift_table(variants: Sequence[VariantRuns], calibrated: bool = False) -> str:
+    """Per variant and probe point: final − untrained accuracy of the same run (same queries), in points, with the
+    paired bootstrap 95 % interval (one seed) or ± the seeds' sd (several); against the epoch-0 probe (initial BN),
+    or with `calibrated` against the BN-calibrated untrained network."""
+    named = _layers(variants)
+    lines = ["| run | " + " | ".join(shown for _, shown in named) + " |", "|" + "---|" * (1 + len(named))]
     for variant in variants:
         if variant.probed:
-            lines.append(f"| {_name(variant)} | " + " | ".join(cell(variant.lift(n), signed=True) for n in layers) + " |")
+            lift = variant.calibrated_lift if calibrated else variant.lift
+            lines.append(f"| {_name(variant)} | " + " | ".join(cell(lift(n), signed=True) for n, _ in named) + " |")
     return "\n".join(lines)
+
+
+def run_views(variants: Sequence[VariantRuns]) -> dict[str, dict[int, RunView]]:
+    """What the judge reads of each variant's runs, by label and seed (only runs that trained)."""
+    views: dict[str, dict[int, RunView]] = {}
+    for variant in variants:
+        for run in variant.runs:
+            if run.run_dir is None or not run.fits:
+                continue
+            subset, batch = int(run.config.get("subset") or 0), int(run.config.get("batch_size") or 1)
+            last = run.fits[-1]
+            seen = (subset // batch) * batch if subset else int(round(last.get("images_per_s", 0) * last.get("seconds", 0)))
+            views.setdefault(variant.label, {})[run.seed] = RunView(run.run_dir, run.seed, run.final_probe_epoch,
+                                                                   run.final_fit, seen)
+    return views
+
+
+def verdicts_text(plan: Mapping[str, Any], variants: Sequence[VariantRuns]) -> str:
+    """One line per claim of the plan: the judge's verdict with its numbers (fastmem/report/judge.py)."""
+    claims = [Claim.from_dict(c) for c in plan.get("claims", [])]
+    if not claims:
+        return "No claims are declared for this experiment."
+    views = run_views(variants)
+    return "\n".join(f"- {verdict.line()}" for verdict in judge_all(claims, views))
 
 
 def _knobs_table(plan: dict[str, Any], several_seeds: bool) -> str:
@@ -182,10 +220,13 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         figures.append(("Fit against the number of labelled views", plot_fit_vs_views(variants, out / "fit_vs_views.png", f"{name}: capacity")))
     if "capacity" in plan["plots"]:
         figures.append(("Capacity axes", plot_capacity(variants, out / "capacity.png", f"{name}: fit and k-NN per axis", late)))
-    untrained = ("The *untrained (epoch 0)* row is the epoch-0 probe of every run's network (they all start from it)"
-                 if shared_untrained(variants) else
-                 "Each *untrained (epoch 0)* row is the epoch-0 probe of the runs below it, up to the next such row (their "
-                 "untrained networks differ)")
+    untrained = ("The *untrained, initial BN (epoch 0)* row is the epoch-0 probe of every run's network (they all "
+                 "start from it)" if shared_untrained(variants) else
+                 "Each *untrained, initial BN (epoch 0)* row is the epoch-0 probe of the runs below it, up to the next "
+                 "such row (their untrained networks differ)")
+    untrained += ("; *untrained, BN calibrated* is the same network with its BatchNorm statistics re-estimated on the "
+                  "training images (no weight changes: fastmem/probe/calibrated.py), the baseline of a trained "
+                  "network's accumulated statistics")
     text = [
         f"# Experiment {name} (scale `{scale}`)", "",
         f"**Varies:** {plan['varies']}.  ", f"**Expected (PROTOCOL.md):** {plan['expectation']}.  ",
@@ -196,7 +237,13 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         f"{_statistics_text(variants)} {untrained}. Clean-label reference runs are in *italics*; “fit” is the training "
         "accuracy on the run's own (random) labels over the last epoch, “agree” how often the prediction equals the true "
         "label.", "",
-        "## Lift over the untrained network (points)", "", lift_table(variants), "",
+        "## Verdicts", "", verdicts_text(plan, variants), "",
+        "Computed from the records above by fastmem/report/judge.py (the claims: fastmem/experiments/claims.py, "
+        "copied into sweep.json): *holds* / *does not hold* when every seed's 95 % interval and the seeds' t-interval "
+        "lie beyond the threshold on one side, *inconclusive* when one reaches it or seeds are missing, *not in regime* "
+        "when a precondition of the claim fails.", "",
+        "## Lift over the untrained network, BN calibrated (points)", "", lift_table(variants, calibrated=True), "",
+        "## Lift over the untrained network, initial BN (points)", "", lift_table(variants), "",
         _lift_text(variants), "",
         *[line for caption, path in figures for line in (f"## {caption}", "", f"![{caption}]({path.name})", "")],
         "## Runs", "", _knobs_table(plan, _several_seeds(variants)), "",
@@ -219,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = write_report(args.sweep_dir, args.out)
     print(f"report: {report}")
     text = report.read_text()
-    for section in ("## Results (accuracy in %)", "## Lift over the untrained network (points)"):
+    for section in ("## Results (accuracy in %)", "## Verdicts"):
         print(section)
         print(text.split(section)[1].split("\n## ")[0].strip())
     return 0

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fastmem.report.cells import Value, delta_entry, seed_entry
-from fastmem.report.intervals import accuracy_intervals, paired_deltas
+from fastmem.report.intervals import accuracy_intervals, file_intervals, paired_deltas, paired_deltas_of
+from fastmem.report.judge import CALIBRATED_FILE
 from fastmem.run.metrics import RunRecords, knn_key
+from fastmem.run.predictions import PREDICTIONS_DIR, predictions_path
 from fastmem.run.stats import Interval, seed_spread, wilson_interval
 
 
@@ -47,6 +49,19 @@ class SweepRun(RunRecords):
         if self.run_dir is None or not self.untrained or not final:
             return {}
         return paired_deltas(self.run_dir, final, self.run_dir, 0)
+
+    @cached_property
+    def calibrated_intervals(self) -> Mapping[str, Interval]:
+        """The BN-calibrated untrained network's accuracies (fastmem/probe/calibrated.py), where it was probed."""
+        return file_intervals(self.run_dir / PREDICTIONS_DIR / CALIBRATED_FILE) if self.run_dir else {}
+
+    @cached_property
+    def calibrated_lifts(self) -> Mapping[str, Interval]:
+        """Final − BN-calibrated untrained network per probe point, paired over the same queries."""
+        final = self.final_probe_epoch
+        if self.run_dir is None or not final:
+            return {}
+        return paired_deltas_of(predictions_path(self.run_dir, final), self.run_dir / PREDICTIONS_DIR / CALIBRATED_FILE)
 
     def final_value(self, layer: str) -> Value | None:
         """The last probe's accuracy at `layer`, with its interval where the query count is known."""
@@ -139,6 +154,12 @@ class VariantRuns:
 
     def lift(self, layer: str) -> dict[str, Any] | None:
         return _entry([(r.seed, r.lift_value(layer)) for r in self.probed], delta=True)
+
+    def calibrated(self, layer: str) -> dict[str, Any] | None:
+        return _entry([(r.seed, r.calibrated_intervals.get(layer)) for r in self.probed])
+
+    def calibrated_lift(self, layer: str) -> dict[str, Any] | None:
+        return _entry([(r.seed, r.calibrated_lifts.get(layer)) for r in self.probed], delta=True)
 
     @property
     def fit(self) -> dict[str, Any] | None:

@@ -51,8 +51,9 @@ class TrainConfig:
     batch_size: int = _knob(256, "batch size (the last partial batch is dropped)")
     workers: int = _knob(0, "DataLoader worker processes for the torch pipeline", execution=True)
     iid_views: int = _knob(0, "i.i.d. views M (experiment G): each load of image i shows one of M reserved real images "
-                           "of its true class from the rest of the training split, with i's random label "
-                           "(0 = off; device and torch pipelines)")
+                           "of its true class from the rest of the training split (disjoint across images), with i's "
+                           "random label; -1 = any image of its true class outside --subset, drawn uniformly from "
+                           "that class's whole pool, shared by the class's images (0 = off; device and torch pipelines)")
     mixup: float = _knob(0.0, "per-batch probability of Mixup x <- lam*x + (1-lam)*x[perm], lam ~ U(0,1); "
                          "labels not mixed")
     cutmix: float = _knob(0.0, "per-batch probability of CutMix (a box of area 1-lam pasted from x[perm]; labels "

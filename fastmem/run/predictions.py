@@ -28,7 +28,11 @@ def predictions_path(run_dir: str | Path, epoch: int) -> Path:
 def write_predictions(run_dir: str | Path, epoch: int, predictions: OrderedDict[str, np.ndarray],
                       truth: np.ndarray) -> Path:
     """Save one probe's predictions (layer → class per query) and the queries' true labels."""
-    path = predictions_path(run_dir, epoch)
+    return write_predictions_file(predictions_path(run_dir, epoch), predictions, truth)
+
+
+def write_predictions_file(path: Path, predictions: OrderedDict[str, np.ndarray], truth: np.ndarray) -> Path:
+    """`write_predictions` to a named file (e.g. a baseline probe's, probe_predictions/untrained_bn_calibrated.npz)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = np.stack([np.asarray(p) for p in predictions.values()]) if predictions else np.zeros((0, len(truth)))
     largest = max(int(table.max(initial=0)), int(np.max(truth, initial=0)))

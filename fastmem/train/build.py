@@ -21,6 +21,7 @@ from fastmem.data.labels import RunLabels, load_labels, make_targets, save_label
 from fastmem.data.splits import load_run_splits
 from fastmem.distributed import (
     RankInfo,
+    agree_with_main,
     barrier,
     check_sync_bn,
     is_main_rank,
@@ -32,7 +33,7 @@ from fastmem.distributed import (
 from fastmem.errors import fail
 from fastmem.io_utils import write_json_atomic
 from fastmem.models import MODEL_NAMES, EncoderProjector, create_model
-from fastmem.pipelines import AugmentSpec, ViewPool, check_pipeline, make_loader
+from fastmem.pipelines import AugmentSpec, Loader, ViewPool, check_pipeline, make_loader
 from fastmem.run.checkpoint import (
     CHECKPOINT_NAME,
     check_resumable,
@@ -89,8 +90,8 @@ def validate(cfg: TrainConfig) -> AugmentSpec:
         fail(f"unknown model {cfg.model!r}; known models: {', '.join(MODEL_NAMES)}")
     canonical_name(cfg.dataset)
     spec = AugmentSpec.parse(cfg.augment)
-    if cfg.iid_views < 0:
-        fail(f"--iid-views must be >= 0, got {cfg.iid_views}")
+    if cfg.iid_views < -1:
+        fail(f"--iid-views must be >= 0, or -1 for all same-class images, got {cfg.iid_views}")
     if cfg.iid_views and not cfg.subset:
         fail(f"--iid-views {cfg.iid_views} needs a --subset: the views are drawn from the training images outside "
              "it, and without one every image is an anchor")
@@ -99,7 +100,7 @@ def validate(cfg: TrainConfig) -> AugmentSpec:
     for flag, seed in (("--data-seed", cfg.data_seed), ("--label-seed", cfg.label_seed)):
         if seed < 0:
             fail(f"{flag} must be >= 0 (a seed of numpy's generators), got {seed}")
-    check_pipeline(cfg.pipeline, spec, view_pool=cfg.iid_views > 0)  # augment ops and --iid-views, before any data
+    check_pipeline(cfg.pipeline, spec, view_pool=cfg.iid_views != 0)  # augment ops and --iid-views, before any data
     check_mixing_knobs(cfg.mixup, cfg.cutmix)
     check_init_knobs(cfg.init_from, cfg.reinit, cfg.model, cfg.width, cfg.bottleneck_dim)
     device = resolve_device(cfg.device)
@@ -208,14 +209,28 @@ class Run:
     step_model: torch.nn.Module  # what the training steps call: `model` under DDP (world > 1) and/or torch.compile
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    augment: AugmentSpec
-    loader: Any
+    loader: Loader
     true_labels: torch.Tensor  # on `device`, indexed by sample index
     metrics: MetricsLogger
     start_epoch: int  # the last completed epoch (0 for a fresh run)
     batch_per_rank: int
     resume_point: dict[str, Any] | None = None  # a mid-epoch checkpoint's `in_progress`, plus its `rng`
     stop: StopSignals = dataclasses.field(default_factory=lambda: StopSignals(enabled=False))
+
+
+def resolve_run_precision(precision: str, device: torch.device,
+                          recorded: dict[str, Any]) -> tuple[torch.dtype | None, dict[str, str]]:
+    """The autocast dtype a run trains in and config.json's `resolved` record of it (device, precision, reason).
+
+    A resume on the same device type keeps what the run `recorded`; under torchrun every rank takes rank 0's
+    choice, so ranks never train in different precisions (`auto` on a CPU is decided per machine).
+    """
+    same_device = recorded.get("device") == device.type
+    dtype = resolve_precision(precision, device, recorded.get("precision") if same_device else None)
+    resolved = {"device": device.type, "precision": precision_name(dtype),
+                "precision_reason": precision_reason(precision, device, dtype, resumed=same_device)}
+    resolved = agree_with_main(resolved)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved["precision"]), resolved
 
 
 def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None = None) -> Run:
@@ -227,11 +242,7 @@ def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | 
     batch_per_rank = per_rank_batch(cfg.batch_size, ranks.world)  # --batch-size is global
     device = rank_device(resolve_device(cfg.device))
     check_sync_bn(cfg.sync_bn, device)
-    recorded = load_resolved(run_dir) if resuming else {}
-    same_device = recorded.get("device") == device.type
-    dtype = resolve_precision(cfg.precision, device, recorded.get("precision") if same_device else None)
-    resolved = {"device": device.type, "precision": precision_name(dtype),
-                "precision_reason": precision_reason(cfg.precision, device, dtype, resumed=same_device)}
+    dtype, resolved = resolve_run_precision(cfg.precision, device, load_resolved(run_dir) if resuming else {})
     if cfg.threads:
         set_cpu_threads(cfg.threads)
     lock: RunLock | None = None
@@ -296,5 +307,5 @@ def _build_in(cfg: TrainConfig, run_dir: Path, resuming: bool, augment: AugmentS
     metrics = MetricsLogger(run_dir, cfg.tensorboard) if ranks.is_main else DiscardingMetricsLogger()
     # Records past the checkpoint are redone; without one, so is the epoch-0 probe (a run killed before its first).
     metrics.truncate_after(start_epoch if checkpoint is not None else -1)
-    return Run(cfg, run_dir, ranks, device, dtype, data, model, step_model, optimizer, scaler, augment, loader,
+    return Run(cfg, run_dir, ranks, device, dtype, data, model, step_model, optimizer, scaler, loader,
                true_labels, metrics, start_epoch, batch_per_rank, resume_point)

@@ -108,13 +108,6 @@ def write_checkpoint(run: Run, epoch: int, in_progress: dict[str, Any] | None = 
     save_checkpoint(run.run_dir / CHECKPOINT_NAME, payload)
 
 
-def close_loader(loader: Any) -> None:
-    """Stop a loader's worker threads or pipelines, for the backends that have them."""
-    close = getattr(loader, "close", None)
-    if callable(close):
-        close()
-
-
 def train(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final summary (also written to summary.json)."""
     run = build_run(cfg, explicit, resume)
@@ -136,7 +129,7 @@ def _train_built(run: Run) -> dict[str, Any]:
             record = run_epochs(run)
         finally:
             run.metrics.close()
-            close_loader(run.loader)
+            run.loader.close()  # its worker processes, threads or pipelines
     summary = {"epochs": cfg.epochs, "final": record, "run_dir": str(run.run_dir), "world_size": run.ranks.world}
     if run.ranks.is_main:
         write_json_atomic(run.run_dir / "summary.json", summary)
@@ -259,7 +252,7 @@ def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | N
         bar.update(1)
         if run.stop.requested is not None:
             bar.close()
-            close_iterator(batches)
+            batches.close()  # ends the epoch's iteration now (a generator's `finally` stops its backend's work)
             check_finite(losses, epoch, step)  # never checkpoint a diverged model
             write_checkpoint(run, epoch - 1, {
                 "epoch": epoch, "step": step, "losses": torch.stack(losses).cpu(), "fit_random": fit_random.cpu(),
@@ -267,7 +260,7 @@ def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | N
             })
             raise Interrupted(run.stop.requested, epoch, step, str(run.run_dir))
     bar.close()
-    close_iterator(batches)
+    batches.close()
     elapsed = earlier_seconds + time.perf_counter() - started
     mean_loss, fit_random, fit_true, seen = epoch_totals(losses, fit_random, fit_true, seen)  # over all ranks
     record = {
@@ -281,13 +274,6 @@ def run_epoch(run: Run, epoch: int, steps: int, resume_point: dict[str, Any] | N
     print(f"epoch {epoch}/{cfg.epochs}  loss {record['loss']:.4f}  fit(random labels) {record['train_acc_random']:.1%}  "
           f"agree(true labels) {record['train_acc_true']:.1%}  {record['images_per_s']:.0f} img/s", flush=True)
     return record
-
-
-def close_iterator(batches: Any) -> None:
-    """End an epoch's iteration now (a generator's `finally` stops its backend's threads or pipeline)."""
-    close = getattr(batches, "close", None)
-    if callable(close):
-        close()
 
 
 def check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:

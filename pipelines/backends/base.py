@@ -6,7 +6,8 @@ max(target) + 1), plans each epoch (sharding.py's order, this rank's shard and b
 turns a batch's sample indices plus its pixels into a contract `Batch` (`execute_views`: view ids →
 parameters → a preallocated output in the requested dtype and memory format → the executor chosen by
 executors/select.py → per-view targets). A backend supplies only the pixels of the indices it is
-given. `execute_views` is a module-level function of a picklable `ViewStep`, so a DataLoader's
+given, and overrides `close()` when it holds worker processes, threads or a pipeline (`with` calls it on
+exit). `execute_views` is a module-level function of a picklable `ViewStep`, so a DataLoader's
 worker processes (the torch backend) run the same step on batches of one.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from fastmem.errors import fail
 
 # apply_views_fastest's signature: (uint8 images, params, out, channels_last, *, rows=None) → float views.
 Executor = Callable[..., torch.Tensor]
+SelfLoader = TypeVar("SelfLoader", bound="EpochLoader")
 
 
 def coerce_targets(targets: np.ndarray | torch.Tensor, count: int, device: torch.device | str) -> torch.Tensor:
@@ -111,6 +115,19 @@ class EpochLoader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and views the next iteration yields."""
         self.epoch = epoch
+
+    def close(self) -> None:
+        """Release worker processes, threads or pipelines; safe to call again, and a later iteration restarts them.
+
+        Nothing to release here (the device backend holds memory only); backends that hold more override it.
+        """
+
+    def __enter__(self: SelfLoader) -> SelfLoader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
 
     def __len__(self) -> int:
         o = self.options

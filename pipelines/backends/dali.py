@@ -33,7 +33,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,25 @@ class DaliLoader(EpochLoader):
         self.pad = self.size[0] // 8 if "pad_crop" in self.spec.ops else 0
         self.gpu = options.device.type == "cuda"
         self._pending, self._generation = 0, 0
-        self.pipe = self._build(num_threads or options.workers or len(os.sched_getaffinity(0)))
+        self._threads = num_threads or options.workers or len(os.sched_getaffinity(0))
+        self.pipe: Any = self._build(self._threads)
+
+    def _pipeline(self) -> Any:
+        """The DALI pipeline, built again if `close()` shut it down."""
+        if self.pipe is None:
+            self.pipe = self._build(self._threads)
+        return self.pipe
+
+    def close(self) -> None:
+        """Shut the pipeline's threads down now, not whenever it is collected; safe to call again."""
+        pipe, self.pipe = self.pipe, None
+        if pipe is None:
+            return
+        self._generation += 1  # an epoch in flight is abandoned: its next batch says it is stale
+        self._pending = 0  # its scheduled batches go with the pipeline
+        shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls: DALI has no public close
+        if callable(shutdown):
+            shutdown()
 
     def _build(self, num_threads: int) -> Any:
         dali, o = self.dali, self.options
@@ -213,6 +231,7 @@ class DaliLoader(EpochLoader):
         """Run the graph once on samples `indices` with the given parameters (of this loader's spec's ops)."""
         if params.ops != self.spec.ops or len(params) != len(indices):
             raise ValueError(f"params for {len(params)} {params.kind} views; this graph executes {self.spec.kind}")
+        self._pipeline()
         self._drain()
         self._generation += 1  # any epoch in flight is abandoned
         self._feed(self.pipe, indices.cpu(), params=params)
@@ -258,8 +277,9 @@ class DaliLoader(EpochLoader):
             self._pending -= 1
             self._run(self.pipe.outputs)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         device = self.options.device
+        self._pipeline()
         self._drain()
         self._generation += 1
         generation = self._generation

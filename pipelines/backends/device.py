@@ -14,7 +14,7 @@ the shared step samples then executes, unchanged. Several batches are augmented 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class DeviceLoader(EpochLoader):
         # i.i.d. views: the reserved images on the device too; each load gathers one of sample i's rows.
         self.pool_images = None if view_pool is None else torch.as_tensor(view_pool.images).to(device).contiguous()
         self.pool_rows = None if view_pool is None else torch.as_tensor(view_pool.rows, dtype=torch.int64).to(device)
+        counts = None if view_pool is None else view_pool.counts  # spans (--iid-views -1) rather than a table
+        self.pool_counts = None if counts is None else torch.as_tensor(counts, dtype=torch.int64).to(device)
         if device.type == "cuda":
             self.batches_per_call = max(1, CUDA_VIEW_ELEMENTS // (options.batch_size * c * h * w))
         else:
@@ -52,7 +54,7 @@ class DeviceLoader(EpochLoader):
         self.samples_in_kernel = (executor is apply_views_fastest and device.type == "cuda"
                                   and fused_cuda_sampled.supports(options.spec, self.images))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         mine, bounds = self.epoch_plan()
         for first in range(0, len(bounds), self.batches_per_call):
             group = bounds[first:first + self.batches_per_call]
@@ -66,7 +68,8 @@ class DeviceLoader(EpochLoader):
         """The views of `indices` at the current epoch, read from the resident images (or view pool) in place."""
         if self.pool_rows is None:
             return self.views(self.images, indices, rows=indices)
-        return self.views(self.pool_images, indices, rows=shown_pool_rows(self.pool_rows, self.options.seed, self.epoch, indices))
+        rows = shown_pool_rows(self.pool_rows, self.options.seed, self.epoch, indices, self.pool_counts)
+        return self.views(self.pool_images, indices, rows=rows)
 
     def views(self, pixels: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None = None) -> Batch:
         """The current epoch's views of `indices` from `pixels` (or `pixels[rows]`), drawn in-kernel if enabled."""

@@ -17,7 +17,7 @@ import queue
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from fastmem.pipelines.ffcv import IMAGE_FIELD, LABEL_FIELD, import_ffcv, read_b
 from fastmem.errors import fail
 
 BATCHES_AHEAD = 2  # batches FFCV decodes ahead of the consumer
-JOIN_SECONDS = 10.0
 TEMP_PREFIX = "fastmem-ffcv-"  # the temporary .beton's folder in the system temp dir: fastmem-ffcv-XXXXXXXX/
 TEMP_LOCK = ".lock"  # flocked by the writing process until the file is mapped and the folder removed
 UNLOCKED_GRACE_SECONDS = 60.0  # a folder without a lock file this old is an earlier fastmem's leftover
@@ -206,7 +205,7 @@ class FfcvLoader(EpochLoader):
             close_epoch_iterator(self._iterator)
             self._iterator = None
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         self.close()  # an earlier epoch abandoned without closing its generator
         order, bounds = self.epoch_plan("cpu")
         if not bounds:

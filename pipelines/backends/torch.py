@@ -11,7 +11,7 @@ serves every epoch: its worker processes start once (not once per epoch) and `cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class _ViewDataset(Dataset):
         self.images, self.step = images, step
         self.pool_images = None if view_pool is None else torch.as_tensor(view_pool.images).cpu().contiguous()
         self.pool_rows = None if view_pool is None else torch.as_tensor(view_pool.rows, dtype=torch.int64).cpu()
+        counts = None if view_pool is None else view_pool.counts  # spans (--iid-views -1) rather than a table
+        self.pool_counts = None if counts is None else torch.as_tensor(counts, dtype=torch.int64).cpu()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -40,7 +42,7 @@ class _ViewDataset(Dataset):
         one = torch.tensor([index])
         source, rows = self.images, one
         if self.pool_rows is not None:  # i.i.d. views: one of this sample's reserved images
-            source, rows = self.pool_images, shown_pool_rows(self.pool_rows, self.step.seed, epoch, one)
+            source, rows = self.pool_images, shown_pool_rows(self.pool_rows, self.step.seed, epoch, one, self.pool_counts)
         view = execute_views(self.step, source, one, epoch, rows=rows, memory_format=torch.contiguous_format)
         return view.images[0], view.targets[0], index, view.view_ids[0]
 
@@ -57,6 +59,14 @@ class _EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+def shutdown_workers(loader: DataLoader | None) -> None:
+    """End a DataLoader's (persistent) worker processes now, not when its iterator is collected; a no-op without."""
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # a single-process iterator has none
+    if callable(shutdown):
+        shutdown()
 
 
 class TorchLoader(EpochLoader):
@@ -82,14 +92,11 @@ class TorchLoader(EpochLoader):
         return self._loader
 
     def close(self) -> None:
-        """End the worker processes (a later iteration starts new ones)."""
+        """End the worker processes (a later iteration starts new ones); safe to call again."""
         loader, self._loader = self._loader, None
-        iterator = getattr(loader, "_iterator", None)
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if callable(shutdown):
-            shutdown()
+        shutdown_workers(loader)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         o = self.options
         mine, bounds = self.epoch_plan("cpu")
         self._sampler.epoch, self._sampler.order = self.epoch, mine[: bounds[-1][1] if bounds else 0].tolist()

@@ -63,6 +63,3 @@ def apply_views_reference(
     """Execute `params` with the reference executor alone (what the `torch` baseline runs)."""
     module = pick_executor(params, images, "reference")
     return module.apply_views(images, params, out, channels_last, rows=rows)
-
-
-EXECUTORS = {"fastest": apply_views_fastest, "reference": apply_views_reference}
