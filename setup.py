@@ -3,7 +3,8 @@
 from setuptools import setup
 
 PACKAGES = [
-    "fastmem", "fastmem.data", "fastmem.models", "fastmem.run", "fastmem.train", "fastmem.probe", "fastmem.experiments",
+    "fastmem", "fastmem.data", "fastmem.models", "fastmem.run", "fastmem.train", "fastmem.probe", "fastmem.probe.metrics",
+    "fastmem.experiments",
     "fastmem.experiments.cluster", "fastmem.report", "fastmem.pipelines", "fastmem.pipelines.executors",
     "fastmem.pipelines.backends", "fastmem.kernels",
 ]

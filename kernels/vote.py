@@ -58,3 +58,36 @@ def knn_vote(
     scores = torch.zeros(indices.shape[0], num_classes, device=indices.device, dtype=weights.dtype)
     scores.scatter_add_(1, labels, weights)
     return scores.argmax(dim=1)
+
+
+def knn_vote_several_k(
+    similarities: torch.Tensor,
+    indices: torch.Tensor,
+    reference_labels: torch.Tensor,
+    num_classes: int,
+    ks: tuple[int, ...] | list[int],
+    vote: str = "majority",
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict[int, torch.Tensor]:
+    """Class per query for every k in `ks` (k → (Nq,) int64), all from one ranked top-max(ks) neighbour list.
+
+    Neighbours are ranked (similarity, then the smaller index) the same way at every k, so the top-k
+    of a query are the first k of its top-max(ks). The class scores are accumulated once, prefix by
+    prefix in increasing k, and read at each k: the same additions in the same order as `knn_vote` over
+    that prefix (scatter_add runs along a row in index order), so each k's result equals a search and
+    a vote at that k, for the cost of one vote. A k beyond the list (more than the references) votes
+    with all of it.
+    """
+    check_vote(vote)
+    if not ks or any(k < 1 for k in ks):
+        fail(f"every k must be >= 1, got {list(ks)}")
+    width = indices.shape[1]
+    labels = reference_labels.to(indices.device, torch.int64)[indices]
+    weights = VOTE_WEIGHTS[vote](similarities, temperature)
+    scores = torch.zeros(indices.shape[0], num_classes, device=indices.device, dtype=weights.dtype)
+    predicted: dict[int, torch.Tensor] = {}
+    done = 0
+    for k in sorted({min(k, width) for k in ks}):
+        scores.scatter_add_(1, labels[:, done:k], weights[:, done:k])
+        predicted[k], done = scores.argmax(dim=1), k
+    return {k: predicted[min(k, width)] for k in ks}

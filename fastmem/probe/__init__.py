@@ -2,6 +2,8 @@
 
 Eval mode, no augmentation; reference = the training images with their TRUE labels, queries = the
 test images; cosine k-NN (k = DEFAULT_K, majority vote by default; fastmem/kernels/vote.py) at every probe point.
+The probe as a library for any model, data and metric: `probe_model` (library.py), metric plugins in
+`METRICS` (metrics/: knn at several k from one search, linear, memorization).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from fastmem.runtime import EXTRACT_BACKENDS
 
 from .cache import CACHE_FORMAT_VERSION, CacheKey, EmbeddingCache, EmbeddingCacheWarning, data_digest, state_digest
 from .extract import EXTRACTION_VERSION, Embedding, ExtractionConfig, MemorySink, extract_embeddings
+from .library import ProbeReport, probe_model
+from .metrics import METRICS, MetricOptions, MetricValue, ProbeMetric, register_metric
 from .sharded import extract_embeddings_sharded, knn_classify_sharded, layers_missing_anywhere
 from .store import EmbeddingStore
 from .stream import SPILL_BYTES, EmbeddingWriteError
@@ -168,6 +172,7 @@ def probe_knn(model: EncoderProjector, train_images: np.ndarray, train_labels: n
                              temperature=temperature, **options).accuracy()
 
 
-__all__ = ["CACHE_FORMAT_VERSION", "EXTRACTION_VERSION", "EXTRACT_BACKENDS", "SPILL_BYTES", "TRT_ENGINE_DIR", "CacheKey",
-           "Embedding", "EmbeddingCache", "EmbeddingCacheWarning", "EmbeddingStore", "ExtractionConfig", "embed_split",
-           "ProbeResult", "extract_embeddings", "probe_knn", "probe_predictions", "state_digest"]
+__all__ = ["CACHE_FORMAT_VERSION", "EXTRACTION_VERSION", "EXTRACT_BACKENDS", "METRICS", "SPILL_BYTES", "TRT_ENGINE_DIR",
+           "CacheKey", "Embedding", "EmbeddingCache", "EmbeddingCacheWarning", "EmbeddingStore", "ExtractionConfig",
+           "MetricOptions", "MetricValue", "ProbeMetric", "ProbeReport", "ProbeResult", "embed_split", "extract_embeddings",
+           "probe_knn", "probe_model", "probe_predictions", "register_metric", "state_digest"]

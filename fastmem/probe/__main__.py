@@ -18,49 +18,62 @@ from fastmem.distributed import distributed_session, rank_device, rank_info
 from fastmem.errors import fail, run_cli
 from fastmem.io_utils import atomic_path, write_json_atomic
 from fastmem.kernels import BACKENDS, DEFAULT_K, DEFAULT_TEMPERATURE, VOTES
-from fastmem.models import create_model
-from fastmem.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fastmem.run.checkpoint import CHECKPOINT_NAME
 from fastmem.run.config import TrainConfig, load_resolved, load_run_config
 from fastmem.run.lock import hold_run_lock, remove_stale_temps
 from fastmem.run.stats import wilson_interval
 from fastmem.runtime import EXTRACT_BACKENDS, PRECISIONS, resolve_device, resolve_precision
 
 from . import TRT_ENGINE_DIR, EmbeddingCache, EmbeddingCacheWarning, probe_knn
+from .cli_metrics import add_metric_arguments, check_mode, k_values, only_knn, probe_any_model, probe_run_metrics
+from .run_model import load_run_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastmem.probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="k-NN accuracy against the true labels at every probe point of a trained run.",
+        description="Per-layer probes of a trained run (RUN_DIR: k-NN accuracy against the true labels at every probe "
+                    "point, by default), or of any model on any dataset (--model torchvision:NAME --dataset NAME "
+                    "--layers A,B): k-NN, linear and memorization metrics with 95 % Wilson intervals.",
     )
-    parser.add_argument("run_dir", help="a run directory of python -m fastmem.train")
+    parser.add_argument("run_dir", nargs="?", default=None, help="a run directory of python -m fastmem.train "
+                        "(or none, with --model)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint to probe (default RUN_DIR/checkpoint.pt)")
     parser.add_argument("--untrained", action="store_true", help="probe the untrained network of the run (its seed's initialisation)")
-    parser.add_argument("--layers", default="", help="comma-separated probe points (default: all)")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours")
+    parser.add_argument("--layers", default="", help="comma-separated probe points (default: all of a run's; "
+                        "with --model: graph nodes or module names, required)")
+    parser.add_argument("--k", type=k_values, default=DEFAULT_K,
+                        help="neighbours; several as 10,20,50 (one neighbour search per layer serves them all)")
     parser.add_argument("--vote", default="majority", choices=VOTES,
                         help="majority (paper) or weighted (DINO, exp(sim/T))")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="T of the weighted vote")
-    parser.add_argument("--probe-subset", type=int, default=None, help="test images as queries (default: the run's)")
+    parser.add_argument("--probe-subset", type=int, default=None, help="test images as queries (default: the run's; "
+                        "with --model: all)")
     parser.add_argument("--project-dim", type=int, default=0, help="random-project wider layers to this dim (0 = exact)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="autocast for extraction (default: what the run trained in, from its config.json; "
-                             "auto where it records none or ran on another device)")
+                             "auto where it records none or ran on another device; with --model: fp32 on a CPU, "
+                             "auto on CUDA)")
     parser.add_argument("--knn-backend", default="auto", choices=BACKENDS, help="k-NN kernels")
     parser.add_argument("--extract-backend", default="eager", choices=EXTRACT_BACKENDS,
                         help="embedding extraction: eager, or trt (a torch-tensorrt engine cached beside the checkpoint; "
                              "eager without torch-tensorrt or a GPU)")
     parser.add_argument("--extract-batch-size", type=int, default=1024, help="images per extraction batch")
-    parser.add_argument("--cache-dir", default=None, help="embedding cache (default RUN_DIR/embeddings)")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default RUN_DIR/embeddings; "
+                        "with --model: none)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    add_metric_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_mode(args, build_parser())
     with warnings.catch_warnings():
         warnings.showwarning = one_line_cache_warnings(warnings.showwarning)
+        if args.model is not None:
+            return probe_any_model(args)
         with distributed_session():  # under torchrun: extraction and queries split across ranks, rank 0 writes
             return probe_run(args)
 
@@ -110,26 +123,13 @@ def _probe(args: argparse.Namespace, run_dir: Path, cfg: TrainConfig, cache_dir:
     dtype = resolve_precision(args.precision or "auto", device, run_precision(run_dir, device, args.precision))
     if args.extract_batch_size < 1:
         fail(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
+    if not only_knn(args.metrics) or not isinstance(args.k, int):  # other metrics, or several k: the metrics table
+        return probe_run_metrics(args, run_dir, cfg, cache_dir, device, dtype)
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset,
                                   probe_subset=cfg.probe_subset if args.probe_subset is None else args.probe_subset,
                                   image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=cfg.probe_reference)
-    torch.manual_seed(cfg.seed)
-    height, _, channels = train.image_shape
-    model = create_model(cfg.model, num_classes=train.num_classes, in_channels=channels, image_size=height,
-                         width=cfg.width, bottleneck_dim=cfg.bottleneck_dim)
-    epoch: int | str = 0
-    if not args.untrained:
-        checkpoint = load_checkpoint(args.checkpoint or run_dir / CHECKPOINT_NAME)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as err:
-            fail(f"{args.checkpoint or run_dir / CHECKPOINT_NAME}: does not fit the run's model ({str(err).splitlines()[0]})")
-        epoch = int(checkpoint["epoch"])
-    model = model.to(device).to(memory_format=torch.channels_last)
-    layers = tuple(name for name in args.layers.split(",") if name) or model.probe_points
-    unknown = [name for name in layers if name not in model.probe_points]
-    if unknown:
-        fail(f"unknown probe point(s) {', '.join(unknown)}; this model has {', '.join(model.probe_points)}")
+    model, epoch, layers = load_run_model(run_dir, cfg, train, device, checkpoint=args.checkpoint,
+                                          untrained=args.untrained, layers=args.layers)
     cache = None if cache_dir is None else EmbeddingCache(cache_dir)
     started = time.perf_counter()
     accuracy = probe_knn(model, train.images, train.labels, test.images, test.labels, device=device, dtype=dtype,
