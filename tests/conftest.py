@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture of tests/test_slurm.py
+from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture of tests/experiments/test_slurm.py
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz-minutes", type=float, default=None, metavar="N",
-                     help="run tests/test_fuzz_readers.py for about N minutes in all (default: a bounded CI budget; "
+                     help="run tests/data/test_fuzz_readers.py for about N minutes in all (default: a bounded CI budget; "
                           "also $FASTMEM_FUZZ_MINUTES)")
 
 

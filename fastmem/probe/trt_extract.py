@@ -5,7 +5,7 @@ Owns the choice of the forward function that embeds a batch for the probe: the m
 extraction batch) in the probe's precision (fp16/bf16 weights and inputs; fp32 when the probe runs in
 fp32) and cached on disk beside the checkpoint, keyed by the weights' digest, the precision and the
 input shape. Without torch-tensorrt or a CUDA device it falls back to eager with one printed line.
-Tolerance: the k-NN accuracy of a TRT probe equals the eager one within 0.1 point (tests/test_scaleout_gpu.py).
+Tolerance: the k-NN accuracy of a TRT probe equals the eager one within 0.1 point (tests/train/test_scaleout_gpu.py).
 """
 
 from __future__ import annotations

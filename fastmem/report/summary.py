@@ -1,7 +1,7 @@
 """README's results block, generated from committed evidence: `python -m fastmem.report.summary DEST`.
 
 For every experiment folder DEST/<ID> (sweep.json with its claims, and the runs it names under DEST/runs), one table
-row per claim with the judge's verdict (fastmem/report/judge.py) and its numbers. tests/test_results_committed.py
+row per claim with the judge's verdict (fastmem/report/judge.py) and its numbers. tests/report/test_results_committed.py
 checks that README.md holds exactly this text between its `results:begin` and `results:end` markers, so no verdict in
 the README is typed by hand.
 """

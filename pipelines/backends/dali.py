@@ -15,7 +15,7 @@ view's luma mean as the contrast pivot, then hsv (hue rotation, saturation; gray
 saturation 0) → clamp to [0, 1].
 
 Tolerances against the reference executor (executors/reference.py) on the same parameters
-(checked in tests/test_dali_loader.py):
+(checked in tests/pipelines/test_dali_loader.py):
 - geometry (crop, resize, flip, reflect pad): identical up to float rounding (≤ 1e-5);
 - grayscale: DALI's luma weights (0.299, 0.587, 0.114) vs torchvision's 0.2989: ≤ 1/255;
 - one jitter op alone (brightness, contrast, saturation): ≤ 1/255;

@@ -7,7 +7,7 @@ search in float64 (the Horner exp, IEEE sqrt and division, round half to even bu
 flip, jitter flag, factors, op order and grayscale: the same ops in the same order, compiled without
 FMA contraction, so the parameters are bit-identical to the Python sampler. The Python sampler stays
 the definition; this is its executor-side twin, tested against it bit for bit
-(tests/test_fused_sampled.py): a change there is a change here. Each program draws its view's
+(tests/pipelines/test_fused_sampled.py): a change there is a change here. Each program draws its view's
 parameters and hands them to fused_cuda.execute_view, so no ViewParams tensors exist;
 `sample_params` runs the sampler alone and writes the parameters out (what the tests compare).
 Contract: docs/augmentation_params.md.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Source folder → the package it installs as (setup.py's package_dir).
 ROOTS = {"fastmem": "fastmem", "pipelines": "fastmem.pipelines", "kernels": "fastmem.kernels"}
 BASE = {"errors", "io_utils"}

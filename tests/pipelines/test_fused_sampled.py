@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from fastmem.pipelines.backends.device import DeviceLoader
 from fastmem.pipelines.executors import fused_cuda, fused_cuda_sampled, reference
 from fastmem.pipelines.params import AugmentSpec, sample_view_params
 from test_fused_executors import _assert_matches_reference, _images, _images_per_second, on_cuda
+
+HERE = Path(__file__).resolve().parent  # this stage's tests; conftest one folder up
 
 FIELDS = ("crop", "flip", "jitter", "factors", "order", "grayscale", "ra_ops", "ra_magnitudes")
 KINDS = ("none", "standard", "full", "fullfixed:5:random")
@@ -50,7 +53,7 @@ def assert_same_bits(python, kernel) -> None:
 
 
 def _run_interpreted(script: str, timeout: int = 400) -> None:  # minutes when the machine is loaded
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), str(HERE.parent)])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 

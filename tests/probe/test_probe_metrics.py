@@ -156,7 +156,7 @@ def test_unknown_metric_and_bad_needs_are_one_line() -> None:
 @pytest.fixture(scope="module")
 def fmnist_layer() -> tuple[np.ndarray, np.ndarray]:
     """The float16 cached-style embedding of 2,000 Fashion-MNIST training images (1,500 fit + 500 queries) at a
-    conv4's head_hidden after 30 SGD steps on the fit part (tests/test_linear_probe.py's approach)."""
+    conv4's head_hidden after 30 SGD steps on the fit part (tests/probe/test_linear_probe.py's approach)."""
     try:
         data = load_arrays("fashion-mnist", "train")
     except FastmemError as err:

@@ -1,6 +1,6 @@
 """A sweep killed mid-run (SIGKILL to its process group, as a power cut) resumes to the uninterrupted sweep's metrics
 without retraining its finished runs (its own file, so that pytest-xdist's loadfile can run it beside the smoke
-sweeps of tests/test_experiments.py)."""
+sweeps of tests/experiments/test_experiments.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ or pure garbage, and must return a valid result or raise a FastmemError whose me
 the file: never another exception, never a hang (a per-example deadline, and a timeout per test), never a
 pickle executed (pickles whose `__reduce__` would create a marker file are planted, mutated, and the
 marker must never appear). Bounded and derandomized in CI (the whole file well under 45 s on 2 cores);
-`pytest tests/test_fuzz_readers.py --fuzz-minutes N` (or FASTMEM_FUZZ_MINUTES=N) fuzzes for about N
+`pytest tests/data/test_fuzz_readers.py --fuzz-minutes N` (or FASTMEM_FUZZ_MINUTES=N) fuzzes for about N
 minutes in all with fresh random examples. Each test prints its example count and time (`-s` shows them).
 """
 
