@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup lint
+.PHONY: demo test test-fast setup lint
 
 setup:
 	./scripts/bootstrap.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not slurm" $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check fastmem pipelines kernels tests benchmarks

@@ -21,6 +21,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "also $FASTMEM_FUZZ_MINUTES)")
 
 
+# The heavy tests (end-to-end trainings, sweeps, several processes, interpreters, wheels): marked `slow` here, in one
+# place. `make test-fast` runs everything else (`-m "not slow and not slurm"`); `make test` (CI) runs all.
+SLOW_FILES = frozenset({
+    "experiments/test_experiments.py", "experiments/test_demo.py", "experiments/test_sweep_kill.py",
+    "experiments/test_slurm.py", "train/test_signals.py", "train/test_disk_full.py", "train/test_ddp.py",
+    "train/test_ddp_faults.py", "train/test_soak.py", "train/test_resume_backends.py", "train/test_train.py",
+    "train/test_precision.py", "train/test_fast_step.py", "train/test_mixing.py", "train/test_reinit.py",
+    "probe/test_probe_faults.py", "probe/test_probe_any_model.py", "probe/test_probe.py",
+    "report/test_report_stats.py", "data/test_fuzz_readers.py", "benchmarks/test_paper_run.py",
+    "pipelines/test_fused_sampled.py", "pipelines/test_fused_executors.py", "pipelines/test_dali_loader.py",
+    "pipelines/test_ffcv_loader.py", "pipelines/test_dropin_example.py", "project/test_install.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        if item.path.resolve().relative_to(tests).as_posix() in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FASTMEM_OFFLINE", "1")

@@ -61,7 +61,14 @@ def test_f_variants_share_one_reference_and_one_query_set(tmp_path: Path, scale:
     assert len(subsets) >= 3
     assert {r.config.probe_reference for r in runs} == {max(subsets)}
     assert len({(r.config.data_seed, r.config.probe_subset) for r in runs}) == 1
-    assert len({r.config.epochs for r in runs}) == 1
+    equal_steps = [r for r in runs if r.variant.group == "training images N at equal steps"]
+    assert len({r.config.epochs for r in runs if r not in equal_steps}) == 1
+    # The data-size axis at equal optimizer steps: every N trains the base run's steps (last partial batch dropped),
+    # to within one epoch's steps.
+    base = next(r.config for r in runs if r not in equal_steps)
+    steps = (base.subset or 50000) // base.batch_size * base.epochs
+    assert equal_steps and all(abs(r.config.subset // r.config.batch_size * r.config.epochs - steps)
+                               <= r.config.subset // r.config.batch_size for r in equal_steps)
 
 
 def test_g_without_a_subset_fails_in_planning(tmp_path: Path) -> None:
