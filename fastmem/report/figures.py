@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fastmem.io_utils import atomic_path  # noqa: E402
 from fastmem.report.cells import bounds  # noqa: E402
+from fastmem.report.layers import distinct_layers  # noqa: E402
 from fastmem.report.variants import SweepRun, VariantRuns, shared_untrained  # noqa: E402
 
 __all__ = ["SweepRun", "VariantRuns", "plot_capacity", "plot_final_per_layer", "plot_fit_vs_epoch",
@@ -47,7 +48,12 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _layers(variants: Sequence[VariantRuns]) -> list[str]:
-    return next((v.layers for v in variants if v.layers), [])
+    """The probe points to draw, each distinct embedding once (h stands for the last stage: report/layers.py)."""
+    return _distinct(next((v.layers for v in variants if v.layers), []))
+
+
+def _distinct(layers: Sequence[str]) -> list[str]:
+    return [name for name, _ in distinct_layers(layers)]
 
 
 def _reference(variants: Sequence[VariantRuns]) -> tuple[VariantRuns | None, VariantRuns | None]:
@@ -136,18 +142,23 @@ def plot_final_per_layer(variants: Sequence[VariantRuns], path: Path, title: str
         if not variant.probed:
             continue
         style = {"color": "grey", "lw": 2.5, "ls": ":"} if variant.role == "clean" else {"color": colour}
-        _errorbar(ax, variant.layers, [variant.final(n) for n in variant.layers], marker="o",
+        drawn = _distinct(variant.layers)
+        _errorbar(ax, drawn, [variant.final(n) for n in drawn], marker="o",
                   label=f"{variant.label} (epoch {variant.final_probe_epoch})", **style)
         if untrained is None and variant.untrained_signature:
             untrained_lines.setdefault(variant.untrained_signature, (style["color"], []))[1].append(variant)
     for colour, members in untrained_lines.values():  # one thin dashed line per distinct untrained network
         names = ", ".join(v.label for v in members)
-        ax.plot(members[0].layers, [(bounds(members[0].untrained(n)) or (math.nan,))[0] for n in members[0].layers],
+        drawn = _distinct(members[0].layers)
+        ax.plot(drawn, [(bounds(members[0].untrained(n)) or (math.nan,))[0] for n in drawn],
                 marker="x", ls="--", lw=0.9, color=colour, alpha=0.8,
                 label=f"untrained: {names if len(names) <= 40 else names[:38] + '…'}")
     if untrained is not None:
         _errorbar(ax, layers, [untrained.untrained(n) for n in layers], color="black", ls="--", marker="x",
-                  label="untrained (epoch 0)")
+                  label="untrained, initial BN (epoch 0)")
+        if any(untrained.calibrated(n) for n in layers):
+            _errorbar(ax, layers, [untrained.calibrated(n) for n in layers], color="black", ls=":", marker="s",
+                      label="untrained, BN calibrated")
     ax.set(title=title, xlabel="probe point (input → output)", ylabel="k-NN accuracy on true labels (%)")
     ax.grid(alpha=0.3)
     _legend(fig, ax)
@@ -160,15 +171,17 @@ def plot_lift_per_layer(variants: Sequence[VariantRuns], path: Path, title: str)
     fig, ax = plt.subplots(figsize=(9, 5))
     layers = _layers(variants)
     shown = [v for v in variants if v.probed]
+    calibrated = bool(shown) and all(v.calibrated_lift("h") for v in shown)  # against the weights' baseline if all have it
     width = 0.6 / max(1, len(shown))
     for colour, variant in zip(_colours(len(variants)), variants):
         if variant not in shown:
             continue
         offset = (shown.index(variant) - (len(shown) - 1) / 2) * width
         xs = [layers.index(n) + offset for n in variant.layers if n in layers]
-        _errorbar(ax, xs, [variant.lift(n) for n in variant.layers if n in layers], marker="o", ls="none",
+        lift = variant.calibrated_lift if calibrated else variant.lift
+        _errorbar(ax, xs, [lift(n) for n in variant.layers if n in layers], marker="o", ls="none",
                   color="grey" if variant.role == "clean" else colour, label=variant.label)
-    ax.axhline(0, color="black", lw=1, label="untrained (epoch 0)")
+    ax.axhline(0, color="black", lw=1, label="untrained, BN calibrated" if calibrated else "untrained (epoch 0)")
     ax.set_xticks(range(len(layers)), layers)
     ax.set(title=title, xlabel="probe point (input → output)",
            ylabel="final − untrained k-NN accuracy (points)")
