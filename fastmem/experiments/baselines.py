@@ -45,10 +45,12 @@ def ensure_calibrated_baselines(run_dirs: Sequence[Path], say: Callable[[str], N
     made = 0
     done: dict[tuple[Any, ...], Path] = {}
     finished = [d for d in dict.fromkeys(run_dirs) if (d / "summary.json").exists()]
-    for run_dir in finished:  # the ones that have it serve the others
-        key = untrained_key(run_dir)
-        if key is not None and has_calibrated_baseline(run_dir):
-            done.setdefault(key, run_dir)
+    siblings = {p.parent for d in finished for p in d.parent.glob("*/config.json")}  # e.g. OUT/runs/*: other sweeps'
+    for run_dir in [*finished, *sorted(siblings - set(finished))]:  # the ones that have it serve the others
+        if has_calibrated_baseline(run_dir) and (run_dir / "summary.json").exists():
+            key = untrained_key(run_dir)
+            if key is not None:
+                done.setdefault(key, run_dir)
     for run_dir in finished:
         key = untrained_key(run_dir)
         if key is None or has_calibrated_baseline(run_dir):

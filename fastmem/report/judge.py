@@ -202,7 +202,8 @@ def judge(claim: Claim, runs: Mapping[str, Mapping[int, RunView]]) -> Verdict:
     values = measure_per_seed(claim.measure, runs)
     level = f"{claim.op} {_points(claim.threshold) if claim.measure.kind != 'fit' else f'{100 * claim.threshold:.0f} %'}"
     if not values:
-        return Verdict(claim, "inconclusive", f"no finished runs with kept predictions for {claim.measure.describe()}")
+        return Verdict(claim, "inconclusive", "no finished runs (with kept predictions where it compares probes) "
+                       f"for {claim.measure.describe()}")
     for condition in claim.preconditions:
         checked = measure_per_seed(condition.measure, runs)
         failing = {s: v for s, v in checked.items()
