@@ -54,7 +54,12 @@ def resolve_precision(precision: str, device: torch.device, recorded: str | None
         if recorded in ("bf16", "fp32"):
             return torch.bfloat16 if recorded == "bf16" else None
         return cpu_precision_choice().dtype
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return precision_dtype(precision)
+
+
+def precision_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision name ('bf16', 'fp16', 'fp32'; None = fp32): precision_name's inverse."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
 
 def precision_reason(precision: str, device: torch.device, dtype: torch.dtype | None, resumed: bool = False) -> str:

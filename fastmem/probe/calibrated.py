@@ -34,7 +34,7 @@ from fastmem.io_utils import write_json_atomic
 from fastmem.models import EncoderProjector, create_model
 from fastmem.run.config import TrainConfig, load_resolved, load_run_config
 from fastmem.run.predictions import PREDICTIONS_DIR, write_predictions_file
-from fastmem.runtime import autocast
+from fastmem.runtime import autocast, precision_dtype
 
 from . import ProbeResult, probe_predictions
 
@@ -96,11 +96,12 @@ def probe_untrained(run_dir: str | Path, *, calibrate: bool, device: torch.devic
         fail(f"{run_dir}: starts from another run's weights (--init-from); its untrained network is that run's")
     device = device or torch.device("cpu")
     resolved = load_resolved(run_dir)
-    dtype = torch.bfloat16 if resolved.get("precision") == "bf16" and resolved.get("device") == device.type else None
+    dtype = precision_dtype(resolved.get("precision", "fp32")) if resolved.get("device") == device.type else None
     train, test = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
                                   image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=cfg.probe_reference)
-    training = select_run_data(cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset,
-                               image_size=cfg.image_size, seed=cfg.data_seed, probe_reference=0)[0]
+    training = train if not cfg.probe_reference else select_run_data(  # the reference is the training images
+        cfg.dataset, cfg.data_dir, subset=cfg.subset, probe_subset=cfg.probe_subset, image_size=cfg.image_size,
+        seed=cfg.data_seed, probe_reference=0)[0]
     model = untrained_model(cfg, train.num_classes, train.image_shape, device)
     if calibrate:
         calibrate_batchnorm(model, training.images, seed=cfg.data_seed, device=device, dtype=dtype,

@@ -44,7 +44,14 @@ from fastmem.run.checkpoint import (
 from fastmem.run.config import RESOLVED_KEY, RESUMABLE_KNOBS, TrainConfig, load_resolved, load_run_config
 from fastmem.run.lock import RunLock, hold_run_lock, remove_stale_temps
 from fastmem.run.metrics import DiscardingMetricsLogger, MetricsLogger, read_metrics
-from fastmem.runtime import precision_name, precision_reason, resolve_device, resolve_precision, set_cpu_threads
+from fastmem.runtime import (
+    precision_dtype,
+    precision_name,
+    precision_reason,
+    resolve_device,
+    resolve_precision,
+    set_cpu_threads,
+)
 from fastmem.train.cuda_graph import check_cuda_graph
 from fastmem.train.interrupt import StopSignals
 from fastmem.train.mixing import check_mixing_knobs
@@ -230,7 +237,7 @@ def resolve_run_precision(precision: str, device: torch.device,
     resolved = {"device": device.type, "precision": precision_name(dtype),
                 "precision_reason": precision_reason(precision, device, dtype, resumed=same_device)}
     resolved = agree_with_main(resolved)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved["precision"]), resolved
+    return precision_dtype(resolved["precision"]), resolved
 
 
 def build_run(cfg: TrainConfig, explicit: set[str] | None = None, resume: str | None = None) -> Run:
